@@ -1,0 +1,169 @@
+"""Truncated SVD of weight matrices and its content-addressed cache on disk.
+
+The top-r singular triplets of a matrix A (m × n) come from the eigendecomposition of the smaller
+Gram matrix (AᵀA or AAᵀ) in float64: the same top-r subspace as a full SVD, to float32 rounding,
+while skipping the factor that a full SVD spends on the discarded directions (see bench/).
+
+The cache stores (U, s, V) per (layer name, content of W0, content of Wᵢ, what was decomposed) as
+safetensors files. A request for rank ≤ the cached rank is a slice of the cached factors; a larger
+rank is recomputed and replaces the entry. Files are written atomically, so the cache can live on
+storage shared by many processes or nodes.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors.torch import load_file, save_file
+
+_counter_lock = threading.Lock()
+_svd_calls = 0
+
+
+def svd_call_count() -> int:
+    """Number of SVDs this process has computed (cache hits excluded)."""
+    return _svd_calls
+
+
+@dataclass
+class Factors:
+    """Top-r singular triplets: A ≈ U diag(s) Vᵀ with U (m, r), s (r,), V (n, r), s descending."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    complete: bool  # r == min(m, n): every smaller rank is a slice of these factors
+
+    @property
+    def rank(self) -> int:
+        return self.s.numel()
+
+    def truncate(self, rank: int) -> "Factors":
+        rank = min(rank, self.rank)
+        return Factors(self.u[:, :rank], self.s[:rank], self.v[:, :rank], self.complete and rank == self.rank)
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int, device: torch.device | str | None = None) -> Factors:
+    """Top-`rank` singular triplets of `matrix` (m × n), computed on `device`, returned in float32 on CPU.
+
+    rank is clamped to min(m, n). Directions whose singular value is zero to working precision
+    (≤ 1e-6 · s₁) get s = 0 and zero singular vectors, where a full SVD would return arbitrary
+    orthonormal ones: they add nothing to an expert and nothing to a router logit.
+    """
+    global _svd_calls
+    m, n = matrix.shape
+    full = min(m, n)
+    rank = min(rank, full)
+    a = matrix.to(device=device or matrix.device, dtype=torch.float64)
+    transpose = m < n                       # work with the n × n or m × m Gram matrix, whichever is smaller
+    if transpose:
+        a = a.T
+    eigvals, eigvecs = torch.linalg.eigh(a.T @ a)                # ascending
+    eigvals, eigvecs = eigvals.flip(0)[:rank], eigvecs.flip(1)[:, :rank]
+    s = eigvals.clamp_min(0).sqrt()
+    live = s > s[:1] * 1e-6                  # below this, the Gram matrix's float64 rounding dominates
+    other = (a @ eigvecs) / torch.where(live, s, 1.0)
+    eigvecs, other, s = eigvecs * live, other * live, s * live
+    u, v = (eigvecs, other) if transpose else (other, eigvecs)
+    with _counter_lock:
+        _svd_calls += 1
+    to_cpu = {"device": "cpu", "dtype": torch.float32}
+    return Factors(u.to(**to_cpu).contiguous(), s.to(**to_cpu), v.to(**to_cpu).contiguous(), rank == full)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Content hash of a tensor (dtype, shape and bytes)."""
+    t = tensor.detach().to("cpu").contiguous()
+    h = xxhash.xxh3_128()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class SvdStats:
+    """What a decomposer did: SVDs computed, cache hits, and seconds spent computing."""
+
+    computed: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, computed: int = 0, hits: int = 0, seconds: float = 0.0) -> None:
+        with self._lock:
+            self.computed += computed
+            self.cache_hits += hits
+            self.seconds += seconds
+
+
+class SvdCache:
+    """Content-addressed store of truncated SVD factors under `directory` (safetensors files)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    @staticmethod
+    def key(layer: str, base_digest: str, expert_digest: str, what: str) -> str:
+        """Key of one decomposition: layer name, W0 and Wᵢ contents, and what was decomposed ('diff' or 'weight')."""
+        return xxhash.xxh3_128(f"{layer}\0{base_digest}\0{expert_digest}\0{what}".encode()).hexdigest()
+
+    def get(self, key: str, rank: int) -> Factors | None:
+        """Cached factors truncated to `rank`, or None when absent or cached at a smaller rank."""
+        path = self._path(key)
+        try:
+            tensors = load_file(path)
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        factors = Factors(tensors["u"], tensors["s"], tensors["v"], bool(tensors["complete"].item()))
+        if factors.rank < rank and not factors.complete:
+            return None
+        return factors.truncate(rank)
+
+    def put(self, key: str, factors: Factors) -> None:
+        """Store factors atomically, unless an entry of at least this rank is already there."""
+        path = self._path(key)
+        existing = self.get(key, factors.rank)
+        if existing is not None and (existing.rank >= factors.rank or existing.complete):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"u": factors.u.contiguous(), "s": factors.s.contiguous(), "v": factors.v.contiguous(),
+                       "complete": torch.tensor([factors.complete])}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class Decomposer:
+    """Truncated SVDs through an optional cache, with statistics."""
+
+    def __init__(self, cache: SvdCache | None = None, device: torch.device | str | None = None):
+        self.cache = cache
+        self.device = device
+        self.stats = SvdStats()
+
+    def factors(self, matrix: torch.Tensor, rank: int, key: str) -> Factors:
+        """Top-`rank` factors of `matrix`, through the cache (if any) under `key` (see SvdCache.key)."""
+        if self.cache is not None:
+            cached = self.cache.get(key, rank)
+            if cached is not None:
+                self.stats.add(hits=1)
+                return cached
+        start = time.perf_counter()
+        factors = truncated_svd(matrix, rank, self.device)
+        self.stats.add(computed=1, seconds=time.perf_counter() - start)
+        if self.cache is not None:
+            self.cache.put(key, factors)
+        return factors

@@ -1,0 +1,196 @@
+"""upscale(): walk a pretrained model, swap its linear layers for SmileLinear layers.
+
+The formula lives in layer.py; the SVDs in svd.py. This file checks inputs, gathers each layer's
+weights from the pretrained model and the experts, builds the layer and puts it in a copy of the
+pretrained model. The caller's models are never modified.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smile_ray.errors import SmileError
+from smile_ray.smile.layer import SmileLinear
+from smile_ray.smile.svd import Decomposer, SvdCache, tensor_digest
+
+Experts = Sequence[nn.Module] | Mapping[str, nn.Module]
+
+
+@dataclass
+class UpscaleInfo:
+    """What one upscale did; attached to the returned model as `smile_info`."""
+
+    upscaled_layers: list[str] = field(default_factory=list)
+    skipped_layers: list[str] = field(default_factory=list)   # every task vector zero: kept as the base layer
+    clamped_layers: list[str] = field(default_factory=list)   # gate_k or k above min(m, n)
+    svd_computed: int = 0
+    svd_cache_hits: int = 0
+    svd_seconds: float = 0.0
+
+
+def named_experts(experts: Experts) -> dict[str, nn.Module]:
+    """Experts as an ordered name → model mapping (positional experts are named expert0, expert1, …)."""
+    if isinstance(experts, Mapping):
+        return dict(experts)
+    return {f"expert{i}": model for i, model in enumerate(experts)}
+
+
+def check_same_architecture(base: nn.Module, experts: Mapping[str, nn.Module]) -> None:
+    """Raise SmileError naming the first parameter whose name or shape differs from the base's."""
+    shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
+    for expert_name, expert in experts.items():
+        theirs = {name: tuple(p.shape) for name, p in expert.named_parameters()}
+        for name in shapes.keys() ^ theirs.keys():
+            where = "missing from" if name in shapes else "not in the pretrained model but in"
+            raise SmileError(f"{name}: parameter {where} expert '{expert_name}' (experts must share the base architecture)")
+        for name, shape in shapes.items():
+            if theirs[name] != shape:
+                raise SmileError(f"{name}: expert '{expert_name}' has shape {list(theirs[name])}, "
+                                 f"the pretrained model {list(shape)}")
+
+
+def check_finite(layer: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    for owner, tensor in tensors.items():
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise SmileError(f"{layer}: {owner} has non-finite weights (NaN or inf)")
+
+
+def matches(name: str, targets: Sequence[str] | None) -> bool:
+    """A module name matches a pattern if the pattern globs the whole name or its last components."""
+    if targets is None:
+        return True
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in targets)
+
+
+def is_zero(tensor: torch.Tensor | None) -> bool:
+    """The reference's test for an untrained task vector: allclose(Δ, 0) with rtol 1e-5, atol 1e-8."""
+    return tensor is None or bool(torch.allclose(tensor, torch.zeros_like(tensor)))
+
+
+def upscale(base: nn.Module, experts: Experts, *, gate_k: int, k: int, top_k: int = 1,
+            routing_use_diff: bool = True, average_experts: bool = False, targets: Sequence[str] | None = None,
+            svd_cache: SvdCache | str | Path | None = None, device: torch.device | str | None = None) -> nn.Module:
+    """Build a SMILE model from a pretrained `base` and fine-tuned `experts` of the same architecture.
+
+    gate_k: router rank per expert; k: expert rank (< 0: dense experts); top_k: experts per token.
+    routing_use_diff: route with the right singular vectors of ΔWᵢ (True) or of Wᵢ (False).
+    average_experts: parameters outside linear layers (LayerNorms, embeddings, convs) become the
+      experts' mean instead of staying pretrained.
+    targets: module-name patterns choosing which nn.Linear layers to upscale (default: all).
+    svd_cache: a directory (or SvdCache) reusing truncated SVDs across calls; device: where SVDs run.
+    Returns a new module (the inputs are untouched) with `.smile_info` (an UpscaleInfo).
+    """
+    experts = named_experts(experts)
+    if not experts:
+        raise SmileError("experts: at least one fine-tuned model is needed")
+    if not isinstance(gate_k, int) or gate_k <= 0:
+        raise SmileError(f"gate_k: must be a positive integer, got {gate_k!r}")
+    if not isinstance(k, int) or k == 0:
+        raise SmileError(f"k: must be a positive rank, or negative for dense experts, got {k!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= len(experts):
+        raise SmileError(f"top_k: must be between 1 and the number of experts ({len(experts)}), got {top_k!r}")
+    check_same_architecture(base, experts)
+    if isinstance(svd_cache, (str, Path)):
+        svd_cache = SvdCache(svd_cache)
+    decomposer = Decomposer(svd_cache, device)
+    info = UpscaleInfo()
+    model = copy.deepcopy(base)
+    expert_modules = [dict(e.named_modules()) for e in experts.values()]
+
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if not (isinstance(module, nn.Linear) and matches(name, targets)):
+                continue
+            layer = smile_layer(name, module, [m[name] for m in expert_modules], list(experts),
+                                gate_k=gate_k, k=k, top_k=top_k, routing_use_diff=routing_use_diff,
+                                decomposer=decomposer, info=info)
+            if layer is not None and name:
+                model.set_submodule(name, layer)
+            elif layer is not None:              # the base itself is a single nn.Linear
+                model = layer
+        if average_experts:
+            average_non_linear(model, list(experts.values()))
+
+    if info.clamped_layers:
+        warnings.warn(f"gate_k={gate_k}, k={k} exceed min(in, out) of {len(info.clamped_layers)} layer(s) "
+                      f"(first: {info.clamped_layers[0]}); clamped to the layer's full rank", stacklevel=2)
+    info.svd_computed, info.svd_cache_hits = decomposer.stats.computed, decomposer.stats.cache_hits
+    info.svd_seconds = decomposer.stats.seconds
+    model.smile_info = info
+    return model
+
+
+def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_names: list[str], *, gate_k: int,
+                k: int, top_k: int, routing_use_diff: bool, decomposer: Decomposer,
+                info: UpscaleInfo) -> SmileLinear | None:
+    """One SmileLinear from a pretrained linear and its fine-tuned copies; None if nothing was trained."""
+    for expert, expert_name in zip(experts, expert_names):
+        if not isinstance(expert, nn.Linear):
+            raise SmileError(f"{name}: expert '{expert_name}' has a {type(expert).__name__} here, not nn.Linear")
+    tensors = {"the pretrained model": base.weight, "the pretrained bias": base.bias}
+    for expert, expert_name in zip(experts, expert_names):
+        tensors[f"expert '{expert_name}'"] = expert.weight
+        tensors[f"expert '{expert_name}' bias"] = expert.bias
+    check_finite(name, tensors)
+
+    w0 = base.weight.detach().float()
+    deltas = [e.weight.detach().float() - w0 for e in experts]
+    bias_deltas = [None if base.bias is None else e.bias.detach().float() - base.bias.detach().float() for e in experts]
+    if all(is_zero(d) and is_zero(b) for d, b in zip(deltas, bias_deltas)):
+        info.skipped_layers.append(name)
+        return None
+
+    out_features, in_features = w0.shape
+    full_rank = min(out_features, in_features)
+    if gate_k > full_rank or k > full_rank:
+        info.clamped_layers.append(name)
+    layer_gate_k, layer_k = min(gate_k, full_rank), (min(k, full_rank) if k > 0 else k)
+    layer = SmileLinear(in_features, out_features, len(experts), gate_k=layer_gate_k, k=layer_k, top_k=top_k,
+                        bias=base.bias is not None, device=base.weight.device, dtype=base.weight.dtype)
+    layer.base.load_state_dict(base.state_dict())
+
+    base_digest = tensor_digest(base.weight) if decomposer.cache is not None else ""
+    svd_rank = max(layer_gate_k, layer_k)
+    for i, (expert, delta) in enumerate(zip(experts, deltas)):
+        routable = not is_zero(delta)
+        layer.routable[i] = routable
+        if not routable:                         # nothing learnt here: zero router vectors, zero expert
+            layer.gate[i].zero_()
+            (layer.delta[i] if layer.dense_experts else layer.u[i]).zero_()
+            if not layer.dense_experts:
+                layer.svh[i].zero_()
+        else:
+            expert_digest = tensor_digest(expert.weight) if decomposer.cache is not None else ""
+            key = {what: SvdCache.key(name, base_digest, expert_digest, what) for what in ("diff", "weight")}
+            factors = decomposer.factors(delta, svd_rank, key["diff"])
+            router = factors if routing_use_diff else decomposer.factors(expert.weight.detach().float(),
+                                                                         layer_gate_k, key["weight"])
+            layer.gate[i].copy_(router.v[:, :layer_gate_k].T)
+            if layer.dense_experts:
+                layer.delta[i].copy_(delta)
+            else:
+                layer.u[i].copy_(factors.u[:, :layer_k])
+                layer.svh[i].copy_(factors.s[:layer_k, None] * factors.v[:, :layer_k].T)
+        if layer.expert_bias is not None:
+            layer.expert_bias[i].copy_(bias_deltas[i])
+    info.upscaled_layers.append(name)
+    return layer
+
+
+def average_non_linear(model: nn.Module, experts: list[nn.Module]) -> None:
+    """Replace every parameter outside nn.Linear layers by the mean of the experts' copies."""
+    linear_params = {f"{name}.{p}" for name, m in model.named_modules()
+                     if isinstance(m, (nn.Linear, SmileLinear)) for p, _ in m.named_parameters()}
+    expert_params = [dict(e.named_parameters()) for e in experts]
+    for name, param in model.named_parameters():
+        if name in linear_params:
+            continue
+        mean = torch.stack([p[name].detach().float() for p in expert_params]).mean(dim=0)
+        param.copy_(mean.to(param.dtype))

@@ -1,0 +1,1 @@
+"""Task pools: evaluate a model on a set of tasks and return a FusionBench-style report."""
