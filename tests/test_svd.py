@@ -1,0 +1,44 @@
+"""Truncated SVD: the same top-r subspace and singular values as a full SVD."""
+import pytest
+import torch
+
+from smile_ray.smile.svd import SvdCache, truncated_svd
+
+
+def projector(basis):
+    return basis @ basis.T
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (90, 30), (30, 90)])
+@pytest.mark.parametrize("rank", [1, 7, 30])
+def test_truncated_matches_full_svd(shape, rank):
+    a = torch.randn(*shape) @ torch.diag(torch.logspace(0, -2, shape[1])) * 0.05
+    u, s, vh = torch.linalg.svd(a.double(), full_matrices=True)
+    f = truncated_svd(a, rank)
+    assert f.u.shape == (shape[0], rank) and f.v.shape == (shape[1], rank) and f.u.dtype == torch.float32
+    torch.testing.assert_close(f.s.double(), s[:rank], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(projector(f.u.double()), projector(u[:, :rank]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(projector(f.v.double()), projector(vh[:rank].T), rtol=0, atol=1e-4)
+    torch.testing.assert_close(((f.u * f.s) @ f.v.T).double(), (u[:, :rank] * s[:rank]) @ vh[:rank], rtol=0, atol=1e-6)
+    assert f.complete == (rank == min(shape))
+
+
+def test_rank_is_clamped_and_null_directions_are_zero():
+    low_rank = torch.randn(20, 3) @ torch.randn(3, 16)
+    f = truncated_svd(low_rank, 50)
+    assert f.rank == 16 and f.complete
+    assert (f.s[3:] == 0).all() and (f.u[:, 3:] == 0).all() and (f.v[:, 3:] == 0).all()
+    torch.testing.assert_close((f.u * f.s) @ f.v.T, low_rank, rtol=1e-4, atol=1e-4)
+    zero = truncated_svd(torch.zeros(5, 4), 2)
+    assert (zero.s == 0).all() and (zero.v == 0).all()
+
+
+def test_cache_slices_smaller_ranks_and_refuses_larger(tmp_path):
+    cache = SvdCache(tmp_path)
+    f = truncated_svd(torch.randn(12, 10), 4)
+    cache.put("abc", f)
+    assert cache.get("abc", 2).rank == 2 and cache.get("abc", 4).rank == 4
+    assert cache.get("abc", 5) is None and cache.get("missing", 1) is None
+    cache.put("abc", truncated_svd(torch.randn(12, 10), 10))         # complete factors answer every rank
+    assert cache.get("abc", 9).rank == 9
+    assert not list(tmp_path.rglob("*.tmp"))
