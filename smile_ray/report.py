@@ -1,0 +1,125 @@
+"""The FusionBench-compatible report of one evaluated model (smile-facts §4.1), and its text/flat views.
+
+    {"model_info": {"trainable_params", "all_params", "trainable_percentage", "name", ...},
+     "<task>": {"accuracy": float in [0, 1], "loss": float}, ...,
+     "average": {"accuracy", "loss"},
+     "timings": {"svd_seconds", "upscale_seconds", "eval_seconds", ...}}
+
+Pure Python: no Ray, no MLflow, no torch import (models are only asked for `named_parameters()`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+RESERVED_KEYS = ("model_info", "average", "timings")
+METRICS = ("accuracy", "loss")
+
+
+def count_parameters(model: Any) -> dict[str, int | float]:
+    """FusionBench's parameter accounting: shared parameters counted once (as `named_parameters` yields them);
+    `trainable_percentage` is a fraction in [0, 1], as FusionBench writes it."""
+    all_params = trainable = 0
+    for _, param in model.named_parameters():
+        all_params += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return {"trainable_params": trainable, "all_params": all_params,
+            "trainable_percentage": trainable / all_params if all_params else 0.0}
+
+
+def task_names(report: Mapping[str, Any]) -> list[str]:
+    """Task keys of a report or a results dict, in order (everything but model_info, average, timings)."""
+    return [key for key, value in report.items() if key not in RESERVED_KEYS and isinstance(value, Mapping)]
+
+
+def average_metrics(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Unweighted mean over tasks of accuracy and loss (each metric that every task has)."""
+    tasks = [results[name] for name in task_names(results)]
+    if not tasks:
+        return {}
+    shared = [metric for metric in METRICS if all(metric in task for task in tasks)]
+    return {metric: sum(float(task[metric]) for task in tasks) / len(tasks) for metric in shared}
+
+
+def build_report(results: Mapping[str, Mapping[str, float]], *, model: Any = None, name: str | None = None,
+                 model_info: Mapping[str, Any] | None = None,
+                 timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The report of one model from per-task `results` (as `ClipZeroShotTaskPool.evaluate` returns them).
+
+    `model_info` starts from `count_parameters(model)` when `model` is given; `model_info` adds or overrides
+    entries (extra parameter accounting, e.g. base/expert parameter counts). "average" is taken from `results`
+    or computed. `timings` holds seconds, e.g. {"svd_seconds", "upscale_seconds", "eval_seconds"}.
+    """
+    info: dict[str, Any] = count_parameters(model) if model is not None else {}
+    info.update(model_info or {})
+    if name is not None:
+        info["name"] = name
+    missing = [key for key in ("trainable_params", "all_params", "trainable_percentage") if key not in info]
+    if missing:
+        raise ValueError(f"model_info lacks {', '.join(missing)}: pass model= or give them in model_info")
+    report: dict[str, Any] = {"model_info": info}
+    for task in task_names(results):
+        report[task] = {metric: float(value) for metric, value in results[task].items()}
+    if not task_names(report):
+        raise ValueError("results hold no task")
+    average = results.get("average") or average_metrics(report)
+    report["average"] = {metric: float(value) for metric, value in average.items()}
+    report["timings"] = {key: float(value) for key, value in (timings or {}).items()}
+    return report
+
+
+def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write `report` as indented JSON, atomically (a temp file in the same directory, then `os.replace`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def format_task_table(report: Mapping[str, Any]) -> str:
+    """Per-task text table: task, accuracy in %, loss; then the average row."""
+    rows = [(task, report[task]) for task in task_names(report)]
+    average = [("average", report["average"])] if "average" in report else []
+    width = max(len(task) for task, _ in [("task", {}), *rows, *average])
+    header = f"{'task':<{width}}  {'accuracy %':>10}  {'loss':>8}"
+    rule = "-" * len(header)
+
+    def line(task: str, metrics: Mapping[str, Any]) -> str:
+        return (f"{task:<{width}}  {_number(metrics.get('accuracy'), 100.0, 2):>10}  "
+                f"{_number(metrics.get('loss'), 1.0, 4):>8}")
+
+    lines = [header, rule, *(line(task, metrics) for task, metrics in rows)]
+    if average:
+        lines += [rule, line(*average[0])]
+    return "\n".join(lines)
+
+
+def _number(value: Any, scale: float, digits: int) -> str:
+    return "-" if value is None else f"{float(value) * scale:.{digits}f}"
+
+
+def flatten_metrics(report: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric entries under "/"-joined names: "<task>/accuracy", "average/loss", "model_info/all_params",
+    "timings/svd_seconds", ... (strings such as model_info/name, and booleans, are left out)."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, prefix=f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
