@@ -1,0 +1,87 @@
+"""Loading from a local directory or a Hugging Face Hub id, failing fast and in one line when that cannot work.
+
+Without a network, `from_pretrained` / `load_dataset` retry every file with backoff (about 23 s per file,
+46 s for one model here). So before loading a hub id we ask the Hub once, with a short timeout:
+- `HF_HUB_OFFLINE=1`: no request at all; only the local Hugging Face cache is used;
+- the Hub answers that the repo or revision does not exist: a `SmileError` at once;
+- the Hub cannot be reached: models fall back to the local cache (`local_files_only=True`); datasets raise,
+  pointing at `HF_HUB_OFFLINE=1`, since `datasets` has no per-call cache-only switch.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+import huggingface_hub
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
+from smile_ray.errors import SmileError
+
+T = TypeVar("T")
+HubState = Literal["ok", "missing", "unreachable", "offline"]
+
+PROBE_TIMEOUT_S = 10.0
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` can be a hub repo id ("name" or "owner/name") rather than a filesystem path."""
+    if source.startswith((".", "~", os.sep)) or ".." in source or source.endswith((".git", ".")):
+        return False
+    return bool(_REPO_ID.match(source))
+
+
+def short_reason(exc: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut to `limit` characters, for one-line error messages."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def probe_repo(repo_id: str, *, repo_type: str = "model", revision: str | None = None,
+               timeout: float = PROBE_TIMEOUT_S) -> tuple[HubState, str]:
+    """Ask the Hub once (no retries) whether `repo_id` exists; returns (state, one-line reason)."""
+    if huggingface_hub.is_offline_mode():
+        return "offline", "HF_HUB_OFFLINE is set"
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=timeout)
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status is not None and status < 500:
+            return "missing", short_reason(exc)
+        return "unreachable", f"hub unreachable: {short_reason(exc)}"
+    except Exception as exc:  # network-level failures come from several libraries (httpx, ssl, socket)
+        return "unreachable", f"hub unreachable: {short_reason(exc)}"
+    return "ok", ""
+
+
+def load_pretrained(load: Callable[..., T], source: str, *, field: str, revision: str | None = None,
+                    **kwargs) -> T:
+    """`load(source, **kwargs)` for a local directory, or a hub id without hanging offline.
+
+    `load` is a `from_pretrained`-like callable accepting `revision` and `local_files_only`.
+    Any failure becomes `SmileError("<field>: cannot load '<source>' (<reason>)")`.
+    """
+    if os.path.isdir(source):
+        return _call(load, source, field, "", **kwargs)
+    if not is_hub_id(source):
+        raise SmileError(f"{field}: cannot load {source!r} (no such directory)")
+    state, reason = probe_repo(source, revision=revision)
+    if state == "missing":
+        raise SmileError(f"{field}: cannot load {source!r} ({reason})")
+    cache_note = "" if state == "ok" else f"{reason}; not in the local Hugging Face cache"
+    return _call(load, source, field, cache_note, revision=revision, local_files_only=state != "ok", **kwargs)
+
+
+def _call(load: Callable[..., T], source: str, field: str, cache_note: str, **kwargs) -> T:
+    try:
+        return load(source, **kwargs)
+    except SmileError:
+        raise
+    except Exception as exc:  # a loader boundary: every failure is reported as "cannot load", cause chained
+        # a cache-only load that fails with OSError means "not cached"; transformers' text for it is long
+        reason = cache_note if cache_note and isinstance(exc, OSError) else short_reason(exc)
+        raise SmileError(f"{field}: cannot load {source!r} ({reason})") from exc
