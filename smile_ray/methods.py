@@ -1,0 +1,144 @@
+"""The merge methods a configuration can name, each declaring its parameters in one place.
+
+A method turns a pretrained model and its experts into one model. `Method.resolve` checks a
+`method:` mapping (unknown keys, wrong types, bad values) and fills defaults, so that a bad
+configuration fails with one line before any model is loaded.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from smile_ray.errors import SmileError
+from smile_ray.smile import individual, projection_merge, simple_average, task_arithmetic, upscale
+from smile_ray.smile.projection import SPACES
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter: name, type, default (REQUIRED if none) and a one-line help."""
+
+    name: str
+    kind: type
+    default: Any = REQUIRED
+    help: str = ""
+    check: Callable[[Any], str | None] | None = None     # returns a complaint, or None when the value is fine
+
+    def validate(self, value: Any, where: str) -> Any:
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if value is not None or self.default is not None:
+            ok = isinstance(value, self.kind) and not (self.kind is int and isinstance(value, bool))
+            if not ok:
+                raise SmileError(f"{where}: expected {self.kind.__name__}, got {value!r}")
+        complaint = self.check(value) if self.check and value is not None else None
+        if complaint:
+            raise SmileError(f"{where}: {complaint}, got {value!r}")
+        return value
+
+
+def positive(value: int) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def nonzero(value: int) -> str | None:
+    return None if value != 0 else "must be a positive rank or negative (dense / automatic)"
+
+
+def strings(value: list) -> str | None:
+    return None if all(isinstance(v, str) for v in value) else "must be a list of module-name patterns"
+
+
+Merge = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: its parameters, which experts it needs, and how it merges."""
+
+    name: str
+    help: str
+    params: tuple[Param, ...]
+    merge: Merge                                  # (base, experts: dict, *, svd_cache, device, **params)
+    single_model: bool = False                    # uses only the expert named by its `model` parameter
+
+    def resolve(self, given: Mapping[str, Any], prefix: str = "method") -> dict[str, Any]:
+        """Validated parameters with defaults filled in (`given` excludes the `name` key)."""
+        known = {p.name: p for p in self.params}
+        for key in given:
+            if key not in known:
+                raise SmileError(f"{prefix}.{key}: unknown parameter of method '{self.name}' "
+                                 f"(known: {', '.join(known) or 'none'})")
+        resolved = {}
+        for param in self.params:
+            if param.name not in given and param.default is REQUIRED:
+                raise SmileError(f"{prefix}.{param.name}: required by method '{self.name}' ({param.help})")
+            resolved[param.name] = param.validate(given.get(param.name, param.default), f"{prefix}.{param.name}")
+        return resolved
+
+    def needed_experts(self, params: Mapping[str, Any], names: list[str]) -> list[str]:
+        """The experts this configuration reads (a single model loads one, or none for 'pretrained')."""
+        if not self.single_model:
+            return names
+        model = params["model"]
+        if model != "pretrained" and model not in names:
+            raise SmileError(f"method.model: unknown model '{model}'; choose 'pretrained' or one of {names}")
+        return [] if model == "pretrained" else [model]
+
+
+def _smile(base, experts, *, svd_cache, device, **params):
+    return upscale(base, experts, svd_cache=svd_cache, device=device, **params)
+
+
+def _simple_average(base, experts, *, svd_cache, device):
+    return simple_average(base, experts)
+
+
+def _task_arithmetic(base, experts, *, svd_cache, device, scaling):
+    return task_arithmetic(base, experts, scaling=scaling)
+
+
+def _individual(base, experts, *, svd_cache, device, model):
+    return individual(base, experts, model=model)
+
+
+def _projection(base, experts, *, svd_cache, device, model, **params):
+    if model == "pretrained":
+        raise SmileError("method.model: projection merging needs a fine-tuned model, not 'pretrained'")
+    return projection_merge(base, experts[model], svd_cache=svd_cache, device=device, **params)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("smile", "SMILE upscaling: sparse mixture of low-rank experts from task-vector SVDs", (
+        Param("gate_k", int, REQUIRED, "router rank per expert", positive),
+        Param("k", int, REQUIRED, "expert rank; negative for dense experts", nonzero),
+        Param("top_k", int, 1, "experts per token", positive),
+        Param("routing_use_diff", bool, True, "route with the SVD of ΔW (true) or of W (false)"),
+        Param("average_experts", bool, False, "average non-linear parameters over the experts"),
+        Param("targets", list, None, "module-name patterns of the linears to upscale (default: all)", strings),
+    ), _smile),
+    Method("simple_average", "mean of the fine-tuned models' weights", (), _simple_average),
+    Method("task_arithmetic", "θ0 + λ Σ (θᵢ − θ0)", (
+        Param("scaling", float, 0.3, "λ, the task-vector scaling"),), _task_arithmetic),
+    Method("individual", "one model of the pool as is", (
+        Param("model", str, "pretrained", "expert name, or 'pretrained'"),), _individual, single_model=True),
+    Method("projection", "singular projection merging of one fine-tuned model (Space I / II / II+III)", (
+        Param("model", str, REQUIRED, "the fine-tuned expert to project"),
+        Param("space", str, "II+III", f"one of {', '.join(SPACES)}",
+              lambda v: None if v in SPACES else f"must be one of {', '.join(SPACES)}"),
+        Param("k", int, -1, "split rank; negative: half the singular-value mass", nonzero),
+        Param("targets", list, None, "module-name patterns of the linears to project (default: all)", strings),
+    ), _projection, single_model=True),
+]}
+
+
+def get_method(name: Any) -> Method:
+    """The method called `name`, or a SmileError listing the known ones."""
+    if name not in METHODS:
+        raise SmileError(f"method.name: unknown method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[name]

@@ -1,0 +1,79 @@
+"""`python -m smile_ray.run`: merge and evaluate one configuration, print a per-task table.
+
+With no arguments it runs SMILE on the embedded benchmark (built and cached on first use).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from smile_ray.errors import SmileError
+from smile_ray.report import format_task_table, write_report
+from smile_ray.spec import apply_overrides, load_yaml
+from smile_ray.trial import run_trial
+
+EMBEDDED_DEFAULT = {
+    "model_pool": {"kind": "embedded"},
+    "task_pool": {"kind": "embedded"},
+    "method": {"name": "smile", "gate_k": 16, "k": 32, "top_k": 1},
+}
+
+
+def default_svd_cache() -> Path:
+    root = os.environ.get("SMILE_RAY_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "smile_ray") / "svd"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m smile_ray.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML with model_pool, task_pool and method (default: embedded SMILE)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key with a YAML value, e.g. --set method.gate_k=8 (repeatable)")
+    parser.add_argument("--report", help="write the FusionBench-style report JSON here")
+    parser.add_argument("--save-model", help="save the merged model to this directory (safetensors)")
+    parser.add_argument("--svd-cache", default=str(default_svd_cache()),
+                        help="directory of cached truncated SVDs (default: %(default)s)")
+    parser.add_argument("--no-svd-cache", action="store_true", help="compute every SVD afresh")
+    parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs this process may use)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    try:
+        config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT
+        config = apply_overrides(config, args.overrides)
+
+        def progress(task: str, metrics: dict, running: dict) -> None:
+            print(f"  {task:<16} accuracy {100 * metrics['accuracy']:6.2f}%  ({metrics['samples']} samples, "
+                  f"{metrics['seconds']:.1f} s)", flush=True)
+
+        print(f"method: {json.dumps(config.get('method'))}", flush=True)
+        report = run_trial(config, svd_cache=None if args.no_svd_cache else args.svd_cache, device=args.device,
+                           on_task_done=progress, save_model_dir=args.save_model)
+    except SmileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_task_table(report))
+    info, timings = report["model_info"], report["timings"]
+    print(f"parameters: {info['all_params']:,} ({info['ratio']:.2f}× the pretrained model, "
+          f"{info['active_params']:,} active per token)")
+    print("seconds: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in timings.items())
+          + f"; SVDs computed {info['svd_calls']}, from cache {info['svd_cache_hits']}")
+    if args.report:
+        print(f"report: {write_report(report, args.report)}")
+    if args.save_model:
+        print(f"model: {args.save_model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
