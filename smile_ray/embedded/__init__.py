@@ -1,0 +1,10 @@
+"""The embedded benchmark: a no-download, CPU-sized stand-in for the paper's eight-task CLIP benchmark.
+
+`build_embedded()` returns a pretrained tiny CLIP, eight fine-tuned vision towers and eight digit tasks, all
+saved in the formats the real CLIP pools load (built on first use, then cached).
+"""
+from smile_ray.embedded.build import EmbeddedBenchmark, benchmark_dir, build_embedded, default_cache_dir
+from smile_ray.embedded.recipe import RECIPES, TASKS, Recipe, TaskSpec
+
+__all__ = ["EmbeddedBenchmark", "RECIPES", "Recipe", "TASKS", "TaskSpec", "benchmark_dir", "build_embedded",
+           "default_cache_dir"]
