@@ -82,7 +82,13 @@ class Method:
         return resolved
 
     def needed_experts(self, params: Mapping[str, Any], names: list[str]) -> list[str]:
-        """The experts this configuration reads (a single model loads one, or none for 'pretrained')."""
+        """The experts this configuration reads (a single model loads one, or none for 'pretrained').
+
+        Also checks what depends on the pool, before any model is loaded.
+        """
+        if params.get("top_k", 1) > len(names):
+            raise SmileError(f"method.top_k: must be at most the number of experts ({len(names)}), "
+                             f"got {params['top_k']}")
         if not self.single_model:
             return names
         model = params["model"]

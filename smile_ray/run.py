@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 
 from smile_ray.errors import SmileError
 from smile_ray.report import format_task_table, write_report
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     try:
         config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT

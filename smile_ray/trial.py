@@ -49,10 +49,15 @@ def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(section)
 
 
-def _embedded(section: Mapping[str, Any]):
-    from smile_ray.embedded import build_embedded      # builds on first use: import only when asked for
+def _embedded(*sections: dict[str, Any]):
+    """The embedded benchmark, built on first use; `scale` and `cache_dir` may sit in either pool section."""
+    from smile_ray.embedded import build_embedded      # import only when asked for
 
-    return build_embedded(section.get("cache_dir"), scale=section.get("scale", "full"))
+    options = {}
+    for section in reversed(sections):
+        if section.get("kind") == "embedded":
+            options.update({key: section.pop(key) for key in ("scale", "cache_dir") if key in section})
+    return build_embedded(options.get("cache_dir"), scale=options.get("scale", "full"))
 
 
 def _select_tasks(available: list[ClipTask], names: Any) -> list[ClipTask]:
@@ -88,23 +93,24 @@ def _task_list(entries: Any) -> list[ClipTask]:
 def build_pools(config: Mapping[str, Any], device: torch.device | str | None = None) -> Pools:
     """Resolve `model_pool` and `task_pool` (building the embedded benchmark if it is named)."""
     model_section, task_section = _section(config, "model_pool"), _section(config, "task_pool")
-    model_kind, task_kind = model_section.pop("kind", None), task_section.pop("kind", None)
+    model_kind, task_kind = model_section.get("kind"), task_section.get("kind")
+    if model_kind not in ("embedded", "clip_vision"):
+        raise SmileError(f"model_pool.kind: unknown kind {model_kind!r} (known: embedded, clip_vision)")
+    if task_kind not in ("embedded", "clip_zero_shot"):
+        raise SmileError(f"task_pool.kind: unknown kind {task_kind!r} (known: embedded, clip_zero_shot)")
+    embedded = _embedded(model_section, task_section) if "embedded" in (model_kind, task_kind) else None
+    model_section.pop("kind", None), task_section.pop("kind", None)
     options = {key: task_section.pop(key) for key in TASK_POOL_OPTIONS if key in task_section}
-    embedded = _embedded(model_section) if "embedded" in (model_kind, task_kind) else None
 
     if model_kind == "embedded":
         models = ClipVisionPool(base=str(embedded.clip_dir), experts={n: str(p) for n, p in embedded.experts.items()})
-    elif model_kind == "clip_vision":
-        models = ClipVisionPool.from_dict(model_section)
     else:
-        raise SmileError(f"model_pool.kind: unknown kind {model_kind!r} (known: embedded, clip_vision)")
+        models = ClipVisionPool.from_dict(model_section)
 
     if task_kind == "embedded":
         tasks, clip_model = _select_tasks(embedded.tasks, task_section.pop("tasks", None)), str(embedded.clip_dir)
-    elif task_kind == "clip_zero_shot":
-        tasks, clip_model = _task_list(task_section.pop("tasks", None)), task_section.pop("clip_model", models.base)
     else:
-        raise SmileError(f"task_pool.kind: unknown kind {task_kind!r} (known: embedded, clip_zero_shot)")
+        tasks, clip_model = _task_list(task_section.pop("tasks", None)), task_section.pop("clip_model", models.base)
     for key in task_section:
         raise SmileError(f"task_pool.{key}: unknown field")
     return Pools(models, ClipZeroShotTaskPool(clip_model, tasks, device=device, **options))

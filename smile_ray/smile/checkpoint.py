@@ -1,11 +1,14 @@
 """Save a merged or upscaled model as a Hugging Face directory (safetensors) and load it back.
 
-A SMILE model is saved with `save_pretrained` plus `smile_layers.json`, the shape of every
-SmileLinear (experts, gate_k, k, top_k, bias). Loading rebuilds the base architecture from its
-config, swaps in empty SmileLinear layers of those shapes and loads the weights strictly.
+A merged model without SMILE layers is a plain `save_pretrained` directory. A SMILE model is its
+config (`save_pretrained`), `model.safetensors` (its state dict, named as the module names them) and
+`smile_layers.json`, the shape of every SmileLinear (experts, gate_k, k, top_k, bias). Loading
+rebuilds the base architecture from the config, swaps in empty SmileLinear layers of those shapes
+and loads the weights strictly.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -14,13 +17,15 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from smile_ray.errors import SmileError
 from smile_ray.smile.layer import SmileLinear
 
 LAYOUT_FILE = "smile_layers.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def smile_layout(model: nn.Module) -> dict[str, dict]:
@@ -53,8 +58,16 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / LAYOUT_FILE).write_text(json.dumps(smile_layout(model), indent=1))
+        layout = smile_layout(model)
+        if layout:
+            config = copy.deepcopy(model.config)
+            config.architectures = [type(model).__name__]
+            config.save_pretrained(tmp)
+            save_safetensors_model(model, str(tmp / WEIGHTS_FILE))
+            (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=1))
+        else:
+            transformers.utils.logging.disable_progress_bar()
+            model.save_pretrained(tmp, safe_serialization=True)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -75,8 +88,5 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None) -
     if not layout:
         return model_class.from_pretrained(directory, dtype=dtype)
     model = apply_layout(model_class(config), layout)
-    state = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(shard))
-    model.load_state_dict(state, strict=True)
+    load_safetensors_model(model, str(directory / WEIGHTS_FILE), strict=True)
     return model.to(dtype) if dtype is not None else model

@@ -1,0 +1,34 @@
+"""Shared fixtures: the embedded benchmark at its tiny scale, built once per test session."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A cache directory holding the tiny embedded benchmark."""
+    from smile_ray.embedded import build_embedded
+
+    cache = tmp_path_factory.mktemp("embedded")
+    build_embedded(cache, scale="tiny")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tiny_cache):
+    from smile_ray.embedded import build_embedded
+
+    return build_embedded(tiny_cache, scale="tiny")
+
+
+@pytest.fixture
+def tiny_config(tiny_cache):
+    """A run configuration on the tiny embedded benchmark."""
+    return {"model_pool": {"kind": "embedded", "scale": "tiny", "cache_dir": str(tiny_cache)},
+            "task_pool": {"kind": "embedded", "max_samples": 20},
+            "method": {"name": "smile", "gate_k": 4, "k": 8}}

@@ -1,0 +1,123 @@
+"""One configuration end to end: run_trial and `python -m smile_ray.run` on the tiny embedded benchmark."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from smile_ray import SmileError
+from smile_ray.run import main
+from smile_ray.smile.checkpoint import load_model
+from smile_ray.trial import build_pools, run_trial
+
+
+def test_smile_report_has_tasks_average_params_and_timings(tiny_config, tmp_path):
+    seen = []
+    report = run_trial(tiny_config, svd_cache=tmp_path / "svd",
+                       on_task_done=lambda task, metrics, running: seen.append((task, running["average"])))
+    tasks = [t for t in report if t not in ("model_info", "average", "timings")]
+    assert len(tasks) == 8 and [t for t, _ in seen] == tasks
+    assert report["average"]["accuracy"] == pytest.approx(sum(report[t]["accuracy"] for t in tasks) / 8)
+    assert seen[-1][1]["accuracy"] == pytest.approx(report["average"]["accuracy"])
+    info = report["model_info"]
+    assert info["all_params"] > info["base_params"] and info["ratio"] > 1 and info["name"] == "smile"
+    assert info["active_params"] < info["all_params"]
+    assert info["svd_calls"] > 0 and info["svd_cache_hits"] == 0
+    assert set(report["timings"]) >= {"svd_seconds", "upscale_seconds", "eval_seconds"}
+    again = run_trial(tiny_config, svd_cache=tmp_path / "svd")
+    assert again["model_info"]["svd_calls"] == 0 and again["model_info"]["svd_cache_hits"] == info["svd_calls"]
+    assert again["average"] == report["average"]
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "simple_average"},
+    {"name": "task_arithmetic", "scaling": 0.5},
+    {"name": "individual", "model": "digit"},
+    {"name": "individual"},
+    {"name": "projection", "model": "parity", "space": "II"},
+])
+def test_every_method_runs(tiny_config, method):
+    report = run_trial({**tiny_config, "method": method})
+    assert 0 <= report["average"]["accuracy"] <= 1
+    assert report["model_info"]["extra_params"] == 0
+
+
+def test_individual_expert_equals_its_model_evaluated_directly(tiny_config, tiny_bench):
+    pools = build_pools(tiny_config)
+    report = run_trial({**tiny_config, "method": {"name": "individual", "model": "digit"}}, pools=pools)
+    direct = pools.tasks.evaluate(pools.models.load_expert("digit"))
+    assert report["digit"]["accuracy"] == direct["digit"]["accuracy"]
+
+
+def test_saved_model_loads_back_to_the_same_results(tiny_config, tmp_path):
+    pools = build_pools(tiny_config)
+    report = run_trial(tiny_config, pools=pools, save_model_dir=tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")
+    results = pools.tasks.evaluate(reloaded)
+    assert {t: results[t] for t in results} == {t: report[t] for t in results}
+
+
+def test_generic_clip_pool_config_on_local_directories(tiny_bench, tiny_config):
+    config = {
+        "model_pool": {"kind": "clip_vision", "base": str(tiny_bench.clip_dir),
+                       "experts": {name: str(path) for name, path in list(tiny_bench.experts.items())[:3]}},
+        "task_pool": {"kind": "clip_zero_shot", "max_samples": 10,
+                      "tasks": [{"name": t.name, "dataset": t.dataset, "classnames": t.classnames,
+                                 "templates": t.templates} for t in tiny_bench.tasks[:3]]},
+        "method": {"name": "smile", "gate_k": 2, "k": 4, "top_k": 2},
+    }
+    report = run_trial(config)
+    assert [t for t in report if t not in ("model_info", "average", "timings")] == \
+        [t.name for t in tiny_bench.tasks[:3]]
+
+
+def test_cli_writes_report_and_model(tiny_config, tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config))
+    code = main(["--config", str(config_file), "--set", "method.gate_k=2", "--report", str(tmp_path / "r.json"),
+                 "--save-model", str(tmp_path / "m"), "--svd-cache", str(tmp_path / "svd"), "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "average" in out and "parameters:" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report) >= {"model_info", "average", "digit"} and set(report["digit"]) == {"accuracy", "loss"}
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "smile_layers.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "method.name=nope"], "method.name: unknown method 'nope'"),
+    (["--set", "method.gate_k=0"], "method.gate_k: must be positive"),
+    (["--set", "method.k=[1"], "--set 'method.k=[1': the value is not valid YAML"),
+    (["--set", "novalue"], "--set 'novalue': expected KEY.PATH=VALUE"),
+    (["--set", "method.top_k=9"], "top_k"),
+    (["--set", "method.colour=red"], "method.colour: unknown parameter"),
+    (["--set", "task_pool.tasks=[digit, nope]"], "task_pool.tasks: unknown task 'nope'"),
+    (["--set", "model_pool.kind=zoo"], "model_pool.kind: unknown kind 'zoo'"),
+    (["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml: no such file"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_config, tmp_path, capsys, args, message):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config))
+    report = tmp_path / "r.json"
+    argv = ["--config", str(config_file), *args, "--report", str(report), "--no-svd-cache", "--threads", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not report.exists()
+
+
+def test_cli_bad_yaml_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  name: smile\n  gate_k: [1,\n")
+    assert main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}:") and "invalid YAML" in err
+
+
+def test_missing_model_directory_is_named(tiny_config, tmp_path):
+    config = {**tiny_config, "model_pool": {"kind": "clip_vision", "base": str(tmp_path / "nothing"),
+                                            "experts": {"a": str(tmp_path / "a")}},
+              "task_pool": {**tiny_config["task_pool"], "scale": "tiny",
+                            "cache_dir": tiny_config["model_pool"]["cache_dir"]},
+              "method": {"name": "simple_average"}}
+    with pytest.raises(SmileError, match=f"^model_pool.base: cannot load '{tmp_path}/nothing'"):
+        run_trial(config)
