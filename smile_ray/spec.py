@@ -1,11 +1,14 @@
-"""Reading configurations: YAML files and `--set key.path=value` overrides.
+"""Configurations and search spaces: YAML files, `--set key.path=value` overrides, validation.
 
-Errors name the file or the key path, in one line.
+A search space is validated completely before Ray starts; every error is one line naming the file
+or the key path (e.g. `method.gate_k.grid[1]: must be positive, got 0`).
 """
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,314 @@ def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict
             node = child
         node[parts[-1]] = value
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Search spaces
+# ---------------------------------------------------------------------------------------------------------------
+
+SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+TOP_LEVEL = ("name", "description", "model_pool", "task_pool", "method", "search", "resources", "tracking")
+DISTRIBUTIONS = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}
+SEARCH_FIELDS = {"algorithm": ("grid", "random", "optuna"), "num_samples": 1, "metric": "average/accuracy",
+                 "mode": ("max", "min"), "max_concurrent": None, "scheduler": ("none", "asha"), "max_failures": 1,
+                 "seed": 0}
+MODEL_POOL_FIELDS = {"embedded": ("kind", "scale", "cache_dir"),
+                     "clip_vision": ("kind", "base", "experts", "dtype", "torch_dtype", "revision")}
+TASK_POOL_FIELDS = {"embedded": ("kind", "tasks", "batch_size", "num_workers", "max_samples", "scale", "cache_dir"),
+                    "clip_zero_shot": ("kind", "tasks", "clip_model", "batch_size", "num_workers", "max_samples")}
+
+
+def resolve_space_path(space: str | Path) -> Path:
+    """A space file: the path as given, else `NAME` or `NAME.yaml` in ./search_spaces or the shipped search_spaces/."""
+    candidates = [Path(space)]
+    if not Path(space).suffix:
+        candidates.append(Path(f"{space}.yaml"))
+    for folder in (Path("search_spaces"), SEARCH_SPACES_DIR):
+        candidates += [folder / c.name for c in list(candidates[:2])]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
+    raise SmileError(f"--space {space}: no such file, nor a space in search_spaces/ (shipped: {', '.join(shipped)})")
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A searched parameter: kind is grid, choice, or a distribution name; args its values or bounds."""
+
+    kind: str
+    args: tuple
+
+    def tune_domain(self, algorithm: str):
+        from ray import tune    # only the driver needs Ray
+
+        if self.kind == "grid":
+            return tune.choice(list(self.args)) if algorithm == "optuna" else tune.grid_search(list(self.args))
+        if self.kind == "choice":
+            return tune.choice(list(self.args))
+        return getattr(tune, self.kind)(*self.args)
+
+    def largest(self) -> float:
+        return max(self.args) if self.kind in ("grid", "choice") else self.args[1] - (self.kind.endswith("randint"))
+
+
+@dataclass
+class SweepSpec:
+    """A validated search space: constants for the pools, method blocks whose parameters may be searched."""
+
+    name: str
+    document: dict[str, Any]            # the space as given (after --set), for the record
+    model_pool: dict[str, Any]
+    task_pool: dict[str, Any]
+    methods: list[dict[str, Any]]       # each: {"name": str, param: constant or Sampled}, defaults filled
+    search: dict[str, Any]
+    resources: dict[str, float]
+    tracking: dict[str, Any]
+
+    @property
+    def searched(self) -> bool:
+        return any(isinstance(v, Sampled) and v.kind != "grid" for block in self.methods for v in block.values())
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every method configuration of a space without random parameters, in order."""
+        points = []
+        for block in self.methods:
+            keys = [k for k, v in block.items() if isinstance(v, Sampled)]
+            for values in itertools.product(*(block[k].args for k in keys)):
+                points.append({**block, **dict(zip(keys, values))})
+        return points
+
+    def param_space(self) -> dict[str, Any]:
+        """The Tune param_space: {"method": …} (pools travel separately, they are constants)."""
+        from ray import tune
+
+        algorithm = self.search["algorithm"]
+        if len(self.methods) == 1:
+            block = self.methods[0]
+            return {"method": {k: v.tune_domain(algorithm) if isinstance(v, Sampled) else v for k, v in block.items()}}
+        return {"method": tune.grid_search(self.grid_points())}
+
+    def pools(self) -> dict[str, Any]:
+        return {"model_pool": dict(self.model_pool), "task_pool": dict(self.task_pool)}
+
+    def svd_plan(self) -> list[dict[str, Any]]:
+        """The upscales whose SVDs every trial will slice: the largest gate_k and k per routing variant."""
+        plan: dict[bool, dict[str, int]] = {}
+        for block in self.methods:
+            if block["name"] != "smile":
+                continue
+            largest = {p: int(v.largest()) if isinstance(v, Sampled) else v for p, v in block.items()
+                       if p in ("gate_k", "k")}
+            variants = block["routing_use_diff"]
+            for use_diff in (variants.args if isinstance(variants, Sampled) else (variants,)):
+                entry = plan.setdefault(use_diff, {"gate_k": 1, "k": 1})
+                entry["gate_k"] = max(entry["gate_k"], largest["gate_k"])
+                entry["k"] = max(entry["k"], largest["k"])
+        return [{"routing_use_diff": use_diff, **ranks} for use_diff, ranks in plan.items()]
+
+
+def _fail(path: str, message: str) -> SmileError:
+    return SmileError(f"{path}: {message}")
+
+
+def _check_type(path: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise _fail(path, f"expected {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise _fail(path, f"expected {what}, got {value!r}")
+    return value
+
+
+def _check_fields(path: str, section: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    for key in section:
+        if key not in allowed:
+            raise _fail(f"{path}.{key}", f"unknown key (known: {', '.join(allowed)})")
+
+
+def _searched_value(path: str, value: Any, param) -> Any:
+    """A method parameter as given: a constant, a bare list (grid), or {grid|choice|<distribution>: …}."""
+    if isinstance(value, list) and param.kind is not list:
+        value = {"grid": value}
+    if isinstance(value, Mapping):
+        if len(value) != 1:
+            raise _fail(path, "expected one of grid, choice, " + ", ".join(DISTRIBUTIONS))
+        (kind, args), = value.items()
+        if kind in ("grid", "choice"):
+            if not isinstance(args, list) or not args:
+                raise _fail(f"{path}.{kind}", "empty grid" if kind == "grid" else "empty choice")
+            return Sampled(kind, tuple(param.validate(v, f"{path}.{kind}[{i}]") for i, v in enumerate(args)))
+        if kind not in DISTRIBUTIONS:
+            raise _fail(path, f"unknown search kind {kind!r} (known: grid, choice, {', '.join(DISTRIBUTIONS)})")
+        if param.kind not in (int, float) or (DISTRIBUTIONS[kind] is float and param.kind is int):
+            raise _fail(f"{path}.{kind}", f"a {kind} distribution does not fit a {param.kind.__name__} parameter")
+        if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and
+                                                                not isinstance(a, bool) for a in args)):
+            raise _fail(f"{path}.{kind}", "expected [low, high]")
+        low, high = args
+        if not low < high or (kind.startswith("log") and low <= 0):
+            raise _fail(f"{path}.{kind}", f"expected low < high{' and low > 0' if kind.startswith('log') else ''}, "
+                                          f"got {args}")
+        param.validate(param.kind(low), f"{path}.{kind}[0]")
+        return Sampled(kind, (param.kind(low), param.kind(high)))
+    return param.validate(value, path)
+
+
+def _method_block(path: str, block: Any) -> dict[str, Any]:
+    from smile_ray.methods import REQUIRED, get_method
+
+    _check_type(path, block, Mapping, "a mapping with the method's name and parameters")
+    if "name" not in block:
+        raise _fail(f"{path}.name", "missing")
+    try:
+        method = get_method(block["name"])
+    except SmileError as error:
+        raise _fail(f"{path}.name", str(error).split(": ", 1)[1]) from None
+    params = {p.name: p for p in method.params}
+    _check_fields(path, block, ["name", *params])
+    resolved: dict[str, Any] = {"name": method.name}
+    for name, param in params.items():
+        if name in block:
+            resolved[name] = _searched_value(f"{path}.{name}", block[name], param)
+        elif param.default is REQUIRED:
+            raise _fail(f"{path}.{name}", f"required by method '{method.name}' ({param.help})")
+        else:
+            resolved[name] = param.default
+    return resolved
+
+
+def _model_pool(section: Any) -> dict[str, Any]:
+    _check_type("model_pool", section, Mapping, "a mapping")
+    kind = section.get("kind")
+    if kind not in MODEL_POOL_FIELDS:
+        raise _fail("model_pool.kind", f"unknown kind {kind!r} (known: {', '.join(MODEL_POOL_FIELDS)})")
+    _check_fields("model_pool", section, MODEL_POOL_FIELDS[kind])
+    if kind == "clip_vision":
+        from smile_ray.pools.clip_vision import ClipVisionPool
+
+        ClipVisionPool.from_dict({k: v for k, v in section.items() if k != "kind"})
+    elif "scale" in section:
+        from smile_ray.embedded import RECIPES
+
+        if section["scale"] not in RECIPES:
+            raise _fail("model_pool.scale", f"unknown scale {section['scale']!r} (known: {', '.join(RECIPES)})")
+    return dict(section)
+
+
+def _task_pool(section: Any) -> dict[str, Any]:
+    _check_type("task_pool", section, Mapping, "a mapping")
+    kind = section.get("kind")
+    if kind not in TASK_POOL_FIELDS:
+        raise _fail("task_pool.kind", f"unknown kind {kind!r} (known: {', '.join(TASK_POOL_FIELDS)})")
+    _check_fields("task_pool", section, TASK_POOL_FIELDS[kind])
+    for key, minimum in (("batch_size", 1), ("num_workers", 0), ("max_samples", 1)):
+        value = section.get(key)
+        if value is not None and (_check_type(f"task_pool.{key}", value, int, "an integer") < minimum):
+            raise _fail(f"task_pool.{key}", f"must be at least {minimum}, got {value}")
+    tasks = section.get("tasks")
+    if tasks is not None:
+        _check_type("task_pool.tasks", tasks, list, "a list of tasks")
+        if not tasks:
+            raise _fail("task_pool.tasks", "empty list")
+        if kind == "embedded":
+            from smile_ray.embedded import TASKS
+
+            known = [t.name for t in TASKS]
+            for i, name in enumerate(tasks):
+                if name not in known:
+                    raise _fail(f"task_pool.tasks[{i}]", f"unknown task {name!r} (known: {', '.join(known)})")
+        else:
+            from smile_ray.tasks.ta8 import TA8_TASK_NAMES
+
+            for i, entry in enumerate(tasks):
+                if isinstance(entry, str) and entry not in TA8_TASK_NAMES:
+                    raise _fail(f"task_pool.tasks[{i}]",
+                                f"unknown task {entry!r} (known: {', '.join(TA8_TASK_NAMES)}, or a mapping)")
+                if not isinstance(entry, (str, Mapping)):
+                    raise _fail(f"task_pool.tasks[{i}]", f"expected a task name or a mapping, got {entry!r}")
+    elif kind == "clip_zero_shot":
+        raise _fail("task_pool.tasks", "missing")
+    return dict(section)
+
+
+def _search(section: Any) -> dict[str, Any]:
+    section = {} if section is None else _check_type("search", section, Mapping, "a mapping")
+    _check_fields("search", section, list(SEARCH_FIELDS))
+    resolved = {}
+    for key, default in SEARCH_FIELDS.items():
+        path = f"search.{key}"
+        if isinstance(default, tuple):
+            value = section.get(key, default[0])
+            if value not in default:
+                raise _fail(path, f"must be one of {', '.join(default)}, got {value!r}")
+        elif key == "metric":
+            value = _check_type(path, section.get(key, default), str, "a metric name such as average/accuracy")
+        else:
+            value = section.get(key, default)
+            if value is not None or key != "max_concurrent":
+                _check_type(path, value, int, "an integer")
+                if value < (0 if key in ("max_failures", "seed") else 1):
+                    raise _fail(path, f"must be {'≥ 0' if key in ('max_failures', 'seed') else '≥ 1'}, got {value}")
+        resolved[key] = value
+    return resolved
+
+
+def _resources(section: Any) -> dict[str, float]:
+    section = {} if section is None else _check_type("resources", section, Mapping, "a mapping")
+    _check_fields("resources", section, ["gpu", "cpu"])
+    resolved = {"gpu": section.get("gpu", 0), "cpu": section.get("cpu", 1)}
+    for key, value in resolved.items():
+        _check_type(f"resources.{key}", value, (int, float), "a number")
+        if value < 0 or (key == "cpu" and value == 0):
+            raise _fail(f"resources.{key}", f"must be {'> 0' if key == 'cpu' else '≥ 0'}, got {value}")
+        if key == "gpu" and value > 1 and value != int(value):
+            raise _fail("resources.gpu", f"a fraction must be below 1, or a whole number of GPUs; got {value}")
+    return resolved
+
+
+def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
+    """Validate a space document (after --set); every error names its key path."""
+    _check_fields("space", document, TOP_LEVEL)
+    for key in ("model_pool", "task_pool", "method"):
+        if key not in document:
+            raise _fail(key, "missing")
+    name = document.get("name", name)
+    _check_type("name", name, str, "a string")
+    blocks = document["method"]
+    if isinstance(blocks, list):
+        if not blocks:
+            raise _fail("method", "empty list of methods")
+        methods = [_method_block(f"method[{i}]", b) for i, b in enumerate(blocks)]
+    else:
+        methods = [_method_block("method", blocks)]
+    search = _search(document.get("search"))
+    spec = SweepSpec(name=name, document=copy.deepcopy(dict(document)), model_pool=_model_pool(document["model_pool"]),
+                     task_pool=_task_pool(document["task_pool"]), methods=methods, search=search,
+                     resources=_resources(document.get("resources")), tracking={})
+    tracking = document.get("tracking") or {}
+    _check_type("tracking", tracking, Mapping, "a mapping")
+    _check_fields("tracking", tracking, ["experiment"])
+    spec.tracking = {"experiment": _check_type("tracking.experiment", tracking.get("experiment", f"smile-{name}"),
+                                               str, "a string")}
+    if len(methods) > 1 and spec.searched:
+        raise _fail("method", "random distributions and choices need a single method block (grids may have many)")
+    if search["algorithm"] == "grid" and spec.searched:
+        raise _fail("search.algorithm", "grid search cannot sample choices or distributions; use random or optuna")
+    if search["algorithm"] == "optuna" and len(methods) > 1:
+        raise _fail("search.algorithm", "optuna searches a single method block")
+    for i, block in enumerate(methods):
+        top_k = block.get("top_k")
+        where = "method" if len(methods) == 1 else f"method[{i}]"
+        if top_k is not None and spec.model_pool["kind"] == "clip_vision":
+            largest = top_k.largest() if isinstance(top_k, Sampled) else top_k
+            if largest > len(spec.model_pool["experts"]):
+                raise _fail(f"{where}.top_k", f"must be at most the number of experts "
+                                              f"({len(spec.model_pool['experts'])}), got {largest}")
+    return spec
+
+
+def load_space(space: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read, override and validate a search space (a path or a shipped name)."""
+    path = resolve_space_path(space)
+    document = apply_overrides(load_yaml(path), overrides)
+    return parse_space(document, path.stem)
