@@ -85,3 +85,11 @@ def _call(load: Callable[..., T], source: str, field: str, cache_note: str, **kw
         # a cache-only load that fails with OSError means "not cached"; transformers' text for it is long
         reason = cache_note if cache_note and isinstance(exc, OSError) else short_reason(exc)
         raise SmileError(f"{field}: cannot load {source!r} ({reason})") from exc
+
+
+def quiet_transformers() -> None:
+    """Command-line runs: no per-model progress bars or load reports from transformers, errors only."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

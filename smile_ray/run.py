@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 
 from smile_ray.errors import SmileError
+from smile_ray.hub import quiet_transformers
 from smile_ray.report import format_task_table, write_report
 from smile_ray.spec import apply_overrides, load_yaml
 from smile_ray.trial import run_trial
@@ -21,7 +21,7 @@ from smile_ray.trial import run_trial
 EMBEDDED_DEFAULT = {
     "model_pool": {"kind": "embedded"},
     "task_pool": {"kind": "embedded"},
-    "method": {"name": "smile", "gate_k": 16, "k": 32, "top_k": 1},
+    "method": {"name": "smile", "gate_k": 32, "k": 32, "top_k": 1},
 }
 
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     try:
         config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT
