@@ -93,3 +93,26 @@ def quiet_transformers() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def check_source(source: str, *, field: str, repo_type: str = "model", revision: str | None = None) -> None:
+    """Fail fast, before any heavy work, when `source` is neither a local directory nor fetchable from the Hub
+    (or already in the local Hugging Face cache when the Hub cannot be reached)."""
+    if os.path.isdir(source):
+        return
+    if not is_hub_id(source):
+        raise SmileError(f"{field}: no such directory {source!r}")
+    state, reason = probe_repo(source, repo_type=repo_type, revision=revision)
+    if state == "missing":
+        raise SmileError(f"{field}: {source!r} cannot be fetched ({reason})")
+    if state != "ok" and not _in_local_cache(source, repo_type, revision):
+        raise SmileError(f"{field}: {source!r} cannot be fetched ({reason}) and is not in the local Hugging Face "
+                         "cache")
+
+
+def _in_local_cache(repo_id: str, repo_type: str, revision: str | None) -> bool:
+    try:
+        huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
+    except Exception:  # any failure to resolve from the cache means "not cached"
+        return False
+    return True

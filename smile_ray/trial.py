@@ -72,7 +72,7 @@ def _select_tasks(available: list[ClipTask], names: Any) -> list[ClipTask]:
     return [by_name[n] for n in names]
 
 
-def _task_list(entries: Any) -> list[ClipTask]:
+def task_list(entries: Any) -> list[ClipTask]:
     """TA8 names, or mappings with the ClipTask fields for other datasets."""
     if not isinstance(entries, list) or not entries:
         raise SmileError(f"task_pool.tasks: expected a non-empty list, got {entries!r}")
@@ -110,7 +110,7 @@ def build_pools(config: Mapping[str, Any], device: torch.device | str | None = N
     if task_kind == "embedded":
         tasks, clip_model = _select_tasks(embedded.tasks, task_section.pop("tasks", None)), str(embedded.clip_dir)
     else:
-        tasks, clip_model = _task_list(task_section.pop("tasks", None)), task_section.pop("clip_model", models.base)
+        tasks, clip_model = task_list(task_section.pop("tasks", None)), task_section.pop("clip_model", models.base)
     for key in task_section:
         raise SmileError(f"task_pool.{key}: unknown field")
     return Pools(models, ClipZeroShotTaskPool(clip_model, tasks, device=device, **options))

@@ -19,7 +19,7 @@ from torch import nn
 
 from smile_ray.errors import SmileError
 from smile_ray.smile.svd import Decomposer, SvdCache, tensor_digest
-from smile_ray.smile.upscale import check_finite, check_same_architecture, matches
+from smile_ray.smile.upscale import UpscaleInfo, check_finite, check_same_architecture, matches
 
 SPACES = ("I", "II", "II+III")
 
@@ -46,7 +46,8 @@ def project(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor, k: int, space
 def projection_merge(base: nn.Module, finetuned: nn.Module, *, space: str = "II+III", k: int = -1,
                      targets: Sequence[str] | None = None, svd_cache: SvdCache | str | Path | None = None,
                      device: torch.device | str | None = None) -> nn.Module:
-    """Merge one fine-tuned model into its base through the projection onto `space`; a new module."""
+    """Merge one fine-tuned model into its base through the projection onto `space`; a new module, with
+    `.smile_info` (an UpscaleInfo: the projected layers and the SVDs of W0 computed or taken from the cache)."""
     if space not in SPACES:
         raise SmileError(f"method.space: must be one of {list(SPACES)}, got {space!r}")
     if not isinstance(k, int) or k == 0:
@@ -57,6 +58,7 @@ def projection_merge(base: nn.Module, finetuned: nn.Module, *, space: str = "II+
     decomposer = Decomposer(svd_cache, device)
     merged = copy.deepcopy(finetuned)
     merged_modules = dict(merged.named_modules())
+    info = UpscaleInfo()
     for name, layer in base.named_modules():
         if not (isinstance(layer, nn.Linear) and matches(name, targets)):
             continue
@@ -67,4 +69,8 @@ def projection_merge(base: nn.Module, finetuned: nn.Module, *, space: str = "II+
         layer_k = min(k, factors.rank) if k > 0 else energy_rank(factors.s)
         delta = project(target.weight.detach().float() - w0, factors.u, factors.v, layer_k, space)
         target.weight.copy_((w0 + delta).to(target.weight.dtype))
+        info.upscaled_layers.append(name)
+    info.svd_computed, info.svd_cache_hits = decomposer.stats.computed, decomposer.stats.cache_hits
+    info.svd_seconds = decomposer.stats.seconds
+    merged.smile_info = info
     return merged

@@ -1,0 +1,351 @@
+"""`python -m smile_ray.tune`: a SMILE sweep on Ray Tune, tracked in MLflow.
+
+    python -m smile_ray.tune                                  # the embedded benchmark's space
+    python -m smile_ray.tune --space clip_b32.yaml            # a shipped space (search_spaces/), or any path
+    python -m smile_ray.tune --space clip_b32 --set method.gate_k=[4,16] --set task_pool.max_samples=64
+    python -m smile_ray.tune --space clip_b32 --resume         # continue an interrupted sweep
+
+One sweep, in order: validate the space (before Ray starts); check that every model and dataset can be
+found; fill the SVD cache of the model pool once, for the largest rank in the space, in parallel Ray
+tasks; run the trials (each reports after every task, so ASHA can stop weak ones); write summary.json.
+Exit status: 0 done (failed trials are listed in the summary), 2 invalid input, 1 the sweep could not run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smile_ray.errors import SmileError
+from smile_ray.spec import SweepSpec, load_space
+
+SUMMARY_FILE = "summary.json"
+EXPERIMENT_DIR = "tune"
+SVD_CACHE_DIR = "svd_cache"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What runs on the workers: SVD prefill tasks and the trial function
+# ---------------------------------------------------------------------------------------------------------------
+
+def _device() -> str:
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def prefill_expert(models, expert: str | None, plan: list[dict], svd_cache: str, sweep: str) -> dict[str, Any]:
+    """Compute one expert's SVDs for the largest ranks of the sweep into the cache (expert None: W0's, for
+    projection merging). Runs as a Ray task; returns what it computed."""
+    import torch
+
+    from smile_ray.metrics import SweepMetrics
+    from smile_ray.smile import projection_merge, upscale
+
+    torch.set_num_threads(1)
+    device = _device()
+    base = models.load_base()
+    computed, seconds = 0, 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # ranks above a layer's size are clamped: expected here
+        if expert is None:
+            infos = [projection_merge(base, base, svd_cache=svd_cache, device=device).smile_info]
+        else:
+            model = {expert: models.load_expert(expert)}
+            infos = [upscale(base, model, svd_cache=svd_cache, device=device, **entry).smile_info for entry in plan]
+    for info in infos:
+        computed, seconds = computed + info.svd_computed, seconds + info.svd_seconds
+    if computed:
+        SweepMetrics(sweep).svd_seconds(seconds)
+    return {"expert": expert or "pretrained", "svd_computed": computed, "svd_seconds": seconds}
+
+
+def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, sweep: str) -> None:
+    """One Tune trial: merge with config["method"], evaluate task by task, report after each task."""
+    import ray
+    import torch
+    from ray import tune
+
+    from smile_ray.metrics import SweepMetrics
+    from smile_ray.report import flatten_metrics
+    from smile_ray.trial import run_trial
+
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    device = _device()
+    pools.tasks.device = torch.device(device)
+    metrics = SweepMetrics(sweep)
+
+    def task_done(task: str, task_metrics: dict, running: dict) -> None:
+        metrics.eval_throughput(task_metrics["samples"] / max(task_metrics["seconds"], 1e-9))
+        tune.report({**flatten_metrics(running), "tasks_done": len(running) - 1})
+
+    report = run_trial({"method": config["method"]}, pools=pools, svd_cache=svd_cache, device=device,
+                       on_task_done=task_done)
+    if report["timings"].get("svd_seconds"):
+        metrics.svd_seconds(report["timings"]["svd_seconds"])
+    tune.report({**flatten_metrics(report), "tasks_done": len(pools.tasks.tasks), "report": report,
+                 "node_id": ray.get_runtime_context().get_node_id(), "device": device})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SweepOptions:
+    output: Path
+    tracking_uri: str
+    experiment: str
+    address: str | None = None
+    resume: bool = False
+    verbose: int = 1
+
+
+def check_sources(spec: SweepSpec) -> None:
+    """Every model of the pool and dataset of the task pool exists locally or on the Hub (one-line errors)."""
+    from smile_ray.hub import check_source
+
+    pool = spec.model_pool
+    if pool["kind"] == "clip_vision":
+        check_source(pool["base"], field="model_pool.base", revision=pool.get("revision"))
+        for name, source in pool["experts"].items():
+            check_source(source, field=f"model_pool.experts.{name}", revision=pool.get("revision"))
+    if spec.task_pool["kind"] == "clip_zero_shot":
+        from smile_ray.trial import task_list
+
+        for i, task in enumerate(task_list(spec.task_pool["tasks"])):
+            check_source(task.dataset, field=f"task_pool.tasks[{i}] ({task.name})", repo_type="dataset")
+
+
+def prefill_svd_cache(spec: SweepSpec, models, svd_cache: Path) -> list[dict[str, Any]]:
+    """Fill the SVD cache for every SVD a trial of this space can slice, one Ray task per expert."""
+    import ray
+
+    plan = spec.svd_plan()
+    jobs: list[str | None] = list(models.expert_names) if plan else []
+    if any(block["name"] == "projection" for block in spec.methods):
+        jobs.append(None)
+    if not jobs:
+        return []
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and spec.resources["gpu"] > 0 else 0
+    task = ray.remote(prefill_expert).options(num_cpus=1, num_gpus=gpus, name="smile_svd_prefill")
+    return ray.get([task.remote(models, expert, plan, str(svd_cache), spec.name) for expert in jobs])
+
+
+def _search_algorithm(spec: SweepSpec):
+    from ray.tune.search import BasicVariantGenerator
+
+    search = spec.search
+    if search["algorithm"] == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=search["metric"], mode=search["mode"], seed=search["seed"])
+    return BasicVariantGenerator(random_state=search["seed"] if search["algorithm"] == "random" else None)
+
+
+def _scheduler(spec: SweepSpec, num_tasks: int):
+    if spec.search["scheduler"] != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=num_tasks + 1, grace_period=1, reduction_factor=2)
+
+
+def _reporter(spec: SweepSpec):
+    from ray.tune import CLIReporter
+
+    params = {f"method/{p}": p for p in ("name", "gate_k", "k", "top_k", "model", "scaling", "space")
+              if any(p in block for block in spec.methods)}
+    return CLIReporter(parameter_columns=params, max_report_frequency=15, sort_by_metric=True,
+                       metric_columns={spec.search["metric"]: spec.search["metric"], "tasks_done": "tasks",
+                                       "model_info/extra_params": "extra params"})
+
+
+def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
+    """A new Tuner, or the restored one when resuming; plus the MLflow callback it reports to."""
+    from ray import tune
+
+    from smile_ray.metrics import MetricsCallback
+    from smile_ray.tracking import MlflowSweepCallback
+
+    trainable = tune.with_resources(
+        tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.output / SVD_CACHE_DIR), sweep=spec.name),
+        {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
+    path = str(options.output / EXPERIMENT_DIR)
+    if options.resume:
+        if not tune.Tuner.can_restore(path):
+            raise SmileError(f"--resume: no sweep to resume in {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable)
+        callbacks = tuner._local_tuner.get_run_config().callbacks      # the restored ones, with their state
+        return tuner, next(c for c in callbacks if isinstance(c, MlflowSweepCallback))
+    tracker = MlflowSweepCallback(options.tracking_uri, options.experiment, space_name=spec.name,
+                                  space=spec.document, metric=spec.search["metric"], mode=spec.search["mode"],
+                                  tags={"smile_ray.output": str(options.output)})
+    num_samples = spec.search["num_samples"]
+    tuner = tune.Tuner(
+        trainable,
+        param_space=spec.param_space(),
+        tune_config=tune.TuneConfig(metric=spec.search["metric"], mode=spec.search["mode"],
+                                    search_alg=_search_algorithm(spec),
+                                    scheduler=_scheduler(spec, len(pools.tasks.tasks)),
+                                    num_samples=num_samples, max_concurrent_trials=spec.search["max_concurrent"],
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=str(options.output),
+                                  failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
+                                  callbacks=[tracker, MetricsCallback(spec.name, spec.search["metric"],
+                                                                      spec.search["mode"])],
+                                  progress_reporter=_reporter(spec), verbose=options.verbose),
+    )
+    return tuner, tracker
+
+
+def _scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    skip = {"report", "config", "date", "hostname", "pid", "timestamp", "experiment_tag", "trial_id", "done",
+            "time_this_iter_s", "time_since_restore", "iterations_since_restore", "time_total_s",
+            "training_iteration", "checkpoint_dir_name", "should_checkpoint"}
+    return {k: v for k, v in result.items() if k not in skip and isinstance(v, (int, float, str, bool))}
+
+
+def build_summary(spec: SweepSpec, results, tracker, options: SweepOptions) -> dict[str, Any]:
+    """summary.json: every trial (id, status, method config, final metrics, MLflow run) and the best one."""
+    metric, mode = spec.search["metric"], spec.search["mode"]
+    trials = []
+    for result in results:
+        trial_id = Path(result.path).name.removeprefix("trial_")
+        metrics = _scalar_metrics(result.metrics or {})
+        status = "error" if result.error is not None else (
+            "finished" if "report" in (result.metrics or {}) else "stopped")   # stopped early by the scheduler
+        trials.append({"trial_id": trial_id, "status": status, "config": result.config.get("method", {}),
+                       "metrics": metrics, "mlflow_run_id": tracker.run_ids.get(trial_id),
+                       "error": None if result.error is None else str(result.error).splitlines()[0][:300]})
+    scored = [t for t in trials if t["status"] == "finished" and isinstance(t["metrics"].get(metric), (int, float))
+              and math.isfinite(t["metrics"][metric])]
+    scored.sort(key=lambda t: t["metrics"][metric], reverse=mode == "max")
+    return {"space": spec.name, "metric": metric, "mode": mode, "trials": trials,
+            "best": scored[0] if scored else None,
+            "mlflow": {"tracking_uri": options.tracking_uri, "experiment_id": tracker.experiment_id,
+                       "parent_run_id": tracker.parent_run_id}}
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
+    metric = summary["metric"]
+    rows = sorted(summary["trials"], key=lambda t: (t["status"] != "finished",
+                                                    -(t["metrics"].get(metric) or 0) if summary["mode"] == "max"
+                                                    else (t["metrics"].get(metric) or 0)))
+    lines = [f"{'#':>3}  {'method':<16}{'gate_k':>7}{'k':>6}{'top_k':>6}  {'model / space':<16}{metric:>18}"
+             f"{'extra params':>15}  status"]
+    for rank, t in enumerate(rows[:limit], 1):
+        c, m = t["config"], t["metrics"]
+        k = c.get("k", "")
+        k = "dense" if isinstance(k, int) and k < 0 and c.get("name") == "smile" else k
+        detail = str(c.get("model", "") or c.get("scaling", "")) + (f" {c['space']}" if "space" in c else "")
+        score = m.get(metric)
+        score = f"{100 * score:.2f}%" if isinstance(score, float) and metric.endswith("accuracy") else str(score or "")
+        extra = m.get("model_info/extra_params")
+        lines.append(f"{rank:>3}  {c.get('name', ''):<16}{str(c.get('gate_k', '')):>7}{str(k):>6}"
+                     f"{str(c.get('top_k', '')):>6}  {detail:<16}{score:>18}"
+                     f"{'' if extra is None else f'{int(extra):,}':>15}  {t['status']}")
+    if len(rows) > limit:
+        lines.append(f"… {len(rows) - limit} more in summary.json")
+    return "\n".join(lines)
+
+
+def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
+    """Prefill the SVD cache, run the sweep, write summary.json; returns the summary."""
+    import ray
+
+    from smile_ray.trial import build_pools
+
+    options.output.mkdir(parents=True, exist_ok=True)
+    pools = build_pools(spec.pools())
+    pools.tasks.prepare()
+    if not ray.is_initialized():
+        ray.init(address=options.address, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
+    start = time.perf_counter()
+    prefill = prefill_svd_cache(spec, pools.models, options.output / SVD_CACHE_DIR)
+    if prefill:
+        computed = sum(p["svd_computed"] for p in prefill)
+        print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
+              f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
+    tuner, tracker = build_tuner(spec, pools, options)
+    results = tuner.fit()
+    summary = build_summary(spec, results, tracker, options)
+    summary["svd_prefill"] = prefill
+    write_json(summary, options.output / SUMMARY_FILE)
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m smile_ray.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", default="embedded", help="a space YAML, or a name in search_spaces/ "
+                                                            "(default: embedded)")
+    parser.add_argument("--output", help="trial storage, SVD cache and summary.json (default: ./smile_runs/<space>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the space with a YAML value, e.g. --set method.gate_k=[4,16]")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep stored in --output")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in --output)")
+    parser.add_argument("--experiment", help="MLflow experiment name (default: the space's tracking.experiment)")
+    parser.add_argument("--validate", action="store_true", help="only validate the space and print its trials")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")          # Tune's table reporter, with our columns
+    from smile_ray.hub import quiet_transformers
+
+    quiet_transformers()
+    try:
+        spec = load_space(args.space, args.overrides)
+        if args.validate:
+            count = "sampled" if spec.searched else f"{len(spec.grid_points())} grid points"
+            print(f"{spec.name}: valid ({count} × {spec.search['num_samples']} sample(s); "
+                  f"SVD plan {spec.svd_plan() or 'none'})")
+            return 0
+        check_sources(spec)
+        output = Path(args.output or Path("smile_runs") / spec.name).resolve()
+        tracking_uri = args.tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
+        options = SweepOptions(output=output, tracking_uri=tracking_uri, address=args.address, resume=args.resume,
+                               experiment=args.experiment or spec.tracking["experiment"])
+        summary = run_sweep(spec, options)
+    except SmileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run again with --resume to continue", file=sys.stderr)
+        return 1
+    except Exception as error:   # the sweep itself could not run (Ray, storage, MLflow): one line, status 1
+        print(f"error: the sweep could not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+              file=sys.stderr)
+        return 1
+    print("\n" + ranked_table(summary))
+    failed = sum(t["status"] == "error" for t in summary["trials"])
+    print(f"\n{len(summary['trials'])} trials ({failed} failed); summary: {options.output / SUMMARY_FILE}")
+    print(f"MLflow: mlflow ui --backend-store-uri {options.tracking_uri}  (experiment {options.experiment})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
