@@ -1,0 +1,536 @@
+"""MLflow tracking of a sweep, written by one process: a Ray Tune callback on the driver.
+
+Layout: one parent run per sweep (the space as `space.yaml`, best-trial metrics, plots) and one child run per trial
+(tag `mlflow.parentRunId`; params = the flattened trial config; every numeric result as a metric at step
+`training_iteration`; `report.json` and the `per_task.json` table at the end). Trial processes never talk to MLflow,
+so a sqlite store is safe and multi-node sweeps need no tracking server reachable from the workers.
+
+Resume: `get_state`/`set_state` keep the parent run, the trial → child run map and the finished trials, so after
+`Tuner.restore` the parent is reused and a finished trial never gets a second child. The child map is also looked up
+in MLflow (tag `trial_id` under the parent), which covers trials started after Tune's last state snapshot.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from ray import tune
+
+from smile_ray.errors import SmileError
+from smile_ray.plots import best_point, sweep_figures
+from smile_ray.report import flatten_metrics, task_names
+
+logger = logging.getLogger(__name__)
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+
+# Keys Tune adds to every result (ray.tune.result): bookkeeping, not metrics. `report` is the final
+# FusionBench report, logged as report.json; its numbers are expected flat in the result too.
+TUNE_RESULT_KEYS = frozenset({
+    "training_iteration", "timestamp", "date", "done", "pid", "hostname", "node_ip", "config", "trial_id",
+    "experiment_id", "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "iterations_since_restore",
+    "timesteps_total", "timesteps_since_restore", "timesteps_this_iter", "episodes_total", "episodes_this_iter",
+    "report",
+})
+_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics of one Tune result: numeric leaves (nested mappings joined with "/"), without Tune's bookkeeping
+    (TUNE_RESULT_KEYS, keys starting with "time_" or "__") and without booleans."""
+    metrics: dict[str, float] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                walk(value, f"{name}/")
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                metrics[name] = float(value)
+
+    walk({key: value for key, value in result.items()
+          if key not in TUNE_RESULT_KEYS and not str(key).startswith(("time_", "__"))}, "")
+    return metrics
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys ("method.gate_k"); other values, lists included, kept as they are."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _name(key: str) -> str | None:
+    """A valid MLflow param/metric key (disallowed characters replaced by "_"), or None if it cannot be one."""
+    key = _BAD_NAME_CHARS.sub("_", key)
+    if not key or len(key) > MAX_KEY_LENGTH or os.path.normpath(key) != key or key.startswith("/"):
+        return None
+    return key
+
+
+def _param_value(value: Any) -> str:
+    return str(value)[:MAX_PARAM_LENGTH]
+
+
+def short_config(config: Mapping[str, Any], limit: int = 80) -> str:
+    """A few words naming a configuration: "smile gate_k=4 k=8 top_k=1" (the method section), else the first
+    scalar entries of the flattened config."""
+    flat = flatten_config(config)
+    method = {key[len("method."):]: value for key, value in flat.items() if key.startswith("method.")}
+    if method:
+        words = [str(method.pop("name"))] if "name" in method else []
+        entries = method.items()
+    else:
+        words, entries = [], flat.items()
+    words += [f"{key}={value}" for key, value in entries if isinstance(value, (str, int, float, bool))]
+    return " ".join(words)[:limit]
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """HEAD of the git checkout holding `cwd` (default: the current directory), or None."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def ray_job_id() -> str | None:
+    """The Ray job id of this driver, or None when Ray is not initialized."""
+    try:
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a best-effort tag
+        return None
+
+
+def absolute_sqlite_uri(tracking_uri: str) -> str:
+    """`sqlite:///relative.db` made absolute (Tuner.restore may run from another directory); other URIs as given."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return tracking_uri
+    db, sep, query = tracking_uri[len("sqlite:///"):].partition("?")
+    if not db or db == ":memory:" or os.path.isabs(db):
+        return tracking_uri
+    return f"sqlite:///{Path(db).resolve()}{sep}{query}"
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """For a sqlite store, `<db dir>/mlartifacts` as a file URI (MLflow would otherwise use ./mlruns relative to
+    the current directory); None for other stores (their server decides)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlartifacts").as_uri()
+
+
+def _trial_error(trial: Any) -> str | None:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.isfile(path):
+        try:
+            return Path(path).read_text(errors="replace")
+        except OSError:
+            return None
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@dataclass(frozen=True)
+class SweepRuns:
+    """Where a sweep lives in MLflow."""
+
+    experiment_id: str
+    parent_run_id: str
+    run_ids: dict[str, str]                         # trial_id -> child run id
+
+
+def find_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> SweepRuns | None:
+    """The newest parent run tagged `smile_ray.sweep_id = sweep_id` in `experiment`, with its children by trial id."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    parents = client.search_runs([found.experiment_id], filter_string=f"tags.`smile_ray.sweep_id` = '{sweep_id}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        return None
+    parent = parents[0].info.run_id
+    return SweepRuns(found.experiment_id, parent, _children(client, found.experiment_id, parent))
+
+
+def per_task_table(tracking_uri: str, run_ids: Iterable[str], artifact_file: str = "per_task.json"
+                   ) -> "pandas.DataFrame":
+    """The per-task tables of `run_ids` as one pandas DataFrame with a `run_id` column (runs without it skipped).
+
+    Same rows as `mlflow.load_table(artifact_file, run_ids=..., extra_columns=["run_id"])`, which only works when the
+    global tracking URI and active experiment point at the sweep (MlflowClient.load_table searches through the
+    fluent API too)."""
+    import tempfile
+
+    import pandas as pd
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id in run_ids:
+            if artifact_file not in {a.path for a in client.list_artifacts(run_id)}:
+                continue
+            path = client.download_artifacts(run_id, artifact_file, os.path.join(tmp, run_id))
+            frames.append(pd.read_json(path, orient="split").assign(run_id=run_id))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["task", "run_id"])
+
+
+def _children(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str | None = None
+              ) -> dict[str, str]:
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
+    if trial_id is not None:
+        query += f" AND tags.trial_id = '{trial_id}'"
+    children: dict[str, str] = {}
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"],
+                                  page_token=page_token)
+        children.update({run.data.tags["trial_id"]: run.info.run_id for run in page if "trial_id" in run.data.tags})
+        page_token = page.token
+        if not page_token:
+            return children
+
+
+class MlflowSweepCallback(tune.Callback):
+    """Ray Tune callback that records a sweep in MLflow from the driver (see the module docstring).
+
+    What it reads from Tune: `trial.trial_id`, `trial.config` (nested; `method.name`, `method.gate_k`, `method.k`
+    drive the plots), each result's numeric entries, and the last result's `report` (the FusionBench report dict) when
+    the trial completes. `strict=False` turns MLflow errors inside trial hooks into warnings, so a tracking hiccup
+    does not end a long sweep; setup errors always propagate.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, *, space_name: str, space: Mapping[str, Any],
+                 metric: str = "average/accuracy", mode: str = "max", tags: Mapping[str, str] | None = None,
+                 artifact_location: str | None = None, sweep_id: str | None = None, strict: bool = False) -> None:
+        if mode not in ("max", "min"):
+            raise SmileError(f"mode: expected 'max' or 'min', got {mode!r}")
+        if sweep_id is not None and re.search(r"['\"`\\]", sweep_id):
+            raise SmileError(f"sweep_id: quotes and backslashes are not allowed, got {sweep_id!r}")
+        self.tracking_uri = absolute_sqlite_uri(tracking_uri)
+        self.experiment = experiment
+        self.space_name = space_name
+        self.space = dict(space)
+        self.metric = metric
+        self.mode = mode
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri)
+        self.sweep_id = sweep_id or uuid.uuid4().hex
+        self.strict = strict
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self.run_ids: dict[str, str] = {}
+        self.finished: set[str] = set()
+        self.resumed = False
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None                        # Tune pickles callbacks into tuner.pkl
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def sweep(self) -> SweepRuns | None:
+        """The sweep's MLflow ids, once `setup` ran."""
+        if self.experiment_id is None or self.parent_run_id is None:
+            return None
+        return SweepRuns(self.experiment_id, self.parent_run_id, dict(self.run_ids))
+
+    # -- state -----------------------------------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": 1, "sweep_id": self.sweep_id, "experiment_id": self.experiment_id,
+                "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
+                "finished": sorted(self.finished)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.sweep_id = state.get("sweep_id", self.sweep_id)
+        self.experiment_id = state.get("experiment_id")
+        self.parent_run_id = state.get("parent_run_id")
+        self.run_ids = dict(state.get("run_ids", {}))
+        self.finished = set(state.get("finished", ()))
+        self.resumed = self.parent_run_id is not None
+
+    # -- experiment ------------------------------------------------------------------------------------------------
+
+    def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
+              **info: Any) -> None:
+        """Get or create the experiment; create the parent run, or reopen it after a restore."""
+        if self.parent_run_id is not None and self._reopen_parent():
+            return
+        self.experiment_id = self._experiment_id()
+        tags = {"smile_ray.space": self.space_name, "smile_ray.sweep_id": self.sweep_id, **self.tags}
+        commit, job = git_commit(), ray_job_id()
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+        if job:
+            tags["ray.job_id"] = job
+        run = self.client.create_run(self.experiment_id, run_name=f"sweep {self.space_name}", tags=tags)
+        self.parent_run_id = run.info.run_id
+        self.run_ids, self.finished, self.resumed = {}, set(), False
+        self.client.log_dict(self.parent_run_id, _plain(self.space), "space.yaml")
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        if found.lifecycle_stage != "active":
+            raise SmileError(f"MLflow experiment {self.experiment!r} is deleted: restore it or choose another name")
+        return found.experiment_id
+
+    def _reopen_parent(self) -> bool:
+        try:
+            parent = self.client.get_run(self.parent_run_id)
+        except MlflowException:
+            logger.warning("MLflow parent run %s is gone; starting a new one", self.parent_run_id)
+            return False
+        self.experiment_id = parent.info.experiment_id
+        self.client.update_run(self.parent_run_id, status="RUNNING")
+        resumes = int(parent.data.tags.get("smile_ray.resumes", "0")) + 1
+        tags = {"smile_ray.resumes": str(resumes)}
+        job = ray_job_id()
+        if job:
+            tags["ray.job_id"] = job
+        self._set_tags(self.parent_run_id, tags)
+        self.resumed = True
+        return True
+
+    # -- trials ----------------------------------------------------------------------------------------------------
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._guard(f"trial {trial.trial_id} start", self._open_child, trial)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._guard(f"trial {trial.trial_id} recover", self._recover, trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._guard(f"trial {trial.trial_id} result", self._log_result, trial, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._guard(f"trial {trial.trial_id} complete", self._complete, trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._guard(f"trial {trial.trial_id} error", self._fail, trial)
+
+    def _guard(self, what: str, hook: Callable[..., Any], *args: Any) -> None:
+        """Run `hook`; unless strict, an MLflow or I/O error becomes a one-line warning."""
+        if self.strict:
+            hook(*args)
+            return
+        try:
+            hook(*args)
+        except (MlflowException, OSError, ValueError) as error:
+            logger.warning("MLflow tracking (%s) failed: %s", what, _last_line(str(error)))
+
+    def _open_child(self, trial: Any) -> str:
+        """The trial's child run, created on first sight, else reopened (RUNNING)."""
+        trial_id = str(trial.trial_id)
+        run_id = self.run_ids.get(trial_id)
+        if run_id is None and self.resumed:
+            run_id = _children(self.client, self.experiment_id, self.parent_run_id, trial_id).get(trial_id)
+        if run_id is not None:
+            self.run_ids[trial_id] = run_id
+            self._reopen(run_id)
+            return run_id
+        config = dict(trial.config or {})
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial_id, "trial_name": str(trial),
+                "smile_ray.space": self.space_name}
+        method = config.get("method")
+        if isinstance(method, Mapping) and "name" in method:
+            tags["smile_ray.method"] = str(method["name"])
+        name = f"trial_{trial_id} {short_config(config)}".strip()
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        self.run_ids[trial_id] = run_id
+        params = {}
+        for key, value in flatten_config(config).items():
+            valid = _name(key)
+            if valid is not None:
+                params[valid] = _param_value(value)
+        items = [Param(key, value) for key, value in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+        self.client.log_dict(run_id, _plain(config), "config.yaml")
+        return run_id
+
+    def _reopen(self, run_id: str) -> None:
+        """Back to RUNNING; an error from an earlier attempt moves to `smile_ray.previous_error`."""
+        error = self.client.get_run(run_id).data.tags.get("smile_ray.error")
+        if error is not None:
+            self._set_tags(run_id, {"smile_ray.previous_error": error})
+            self.client.delete_tag(run_id, "smile_ray.error")
+        self.client.update_run(run_id, status="RUNNING")
+
+    def _recover(self, trial: Any) -> None:
+        """A failed attempt that Tune retries (FailureConfig.max_failures): count it, keep its error line."""
+        run_id = self._child(trial)
+        count = int(self.client.get_run(run_id).data.tags.get("smile_ray.recoveries", "0")) + 1
+        tags = {"smile_ray.recoveries": str(count)}
+        text = _trial_error(trial)
+        if text:
+            tags["smile_ray.previous_error"] = _last_line(text)
+        self._set_tags(run_id, tags)
+
+    def _child(self, trial: Any) -> str:
+        run_id = self.run_ids.get(str(trial.trial_id))
+        return run_id if run_id is not None else self._open_child(trial)
+
+    def _log_result(self, trial: Any, result: Mapping[str, Any]) -> None:
+        run_id = self._child(trial)
+        self.log_metrics(run_id, result_metrics(result), step=int(result.get("training_iteration") or 0))
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """All of `metrics` at `step`, in `log_batch` calls of at most 1000 metrics."""
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            valid = _name(key)
+            if valid is not None:
+                items.append(Metric(valid, float(value), now, step))
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
+
+    def _complete(self, trial: Any) -> None:
+        trial_id = str(trial.trial_id)
+        run_id = self._child(trial)
+        report = (trial.last_result or {}).get("report")
+        if isinstance(report, Mapping):
+            self.client.log_dict(run_id, _plain(report), "report.json")
+            tasks = task_names(report)
+            if tasks and trial_id not in self.finished:       # log_table appends: only once per run
+                self.client.log_table(run_id, data={
+                    "task": tasks,
+                    "accuracy": [_number(report[t].get("accuracy")) for t in tasks],
+                    "loss": [_number(report[t].get("loss")) for t in tasks]}, artifact_file="per_task.json")
+            self._set_tags(run_id, {"smile_ray.stopped_early": "false"})
+        else:
+            self._set_tags(run_id, {"smile_ray.stopped_early": "true"})
+        self.client.set_terminated(run_id, status="FINISHED")
+        self.finished.add(trial_id)
+
+    def _fail(self, trial: Any) -> None:
+        run_id = self._child(trial)
+        text = _trial_error(trial)
+        if text:
+            self._set_tags(run_id, {"smile_ray.error": _last_line(text)[:MAX_TAG_LENGTH]})
+            self.client.log_text(run_id, text, "error.txt")
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
+
+    # -- end -------------------------------------------------------------------------------------------------------
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Best trial and plots on the parent; parent FINISHED, FAILED (every trial failed) or KILLED
+        (interrupted: trials left unfinished, which a restore resumes)."""
+        if self.parent_run_id is None:
+            return
+        points = sweep_points(trials)
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        self._guard("best trial", self._log_best, points, done)
+        self._guard("plots", self._log_plots, points)
+        unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+        for trial in unfinished:
+            if str(trial.trial_id) in self.run_ids:
+                self._guard(f"trial {trial.trial_id} end", self.client.set_terminated,
+                            self.run_ids[str(trial.trial_id)], "KILLED")
+        if unfinished:
+            status = "KILLED"
+        elif trials and all(t.status == "ERROR" for t in trials):
+            status = "FAILED"
+        else:
+            status = "FINISHED"
+        self._guard("parent end", self.client.set_terminated, self.parent_run_id, status)
+
+    def _log_best(self, points: list[dict[str, Any]], done: int) -> None:
+        best = best_point(points, self.metric, self.mode)
+        if best is None:
+            return
+        self.log_metrics(self.parent_run_id, {f"best/{key}": value for key, value in best["metrics"].items()},
+                         step=done)
+        tags = {"best.trial_id": best["trial_id"], "best.run_id": self.run_ids.get(best["trial_id"], "")}
+        tags.update({f"best.{key}": _param_value(value) for key, value in best["config"].items()
+                     if _name(f"best.{key}") is not None})
+        self._set_tags(self.parent_run_id, tags)
+        self.client.log_dict(self.parent_run_id, {"trial_id": best["trial_id"], "run_id": tags["best.run_id"],
+                                                  "metric": self.metric, "mode": self.mode,
+                                                  "value": best["metrics"][self.metric],
+                                                  "config": _plain(best["config"])}, "best_config.json")
+
+    def _log_plots(self, points: list[dict[str, Any]]) -> None:
+        for path, figure in sweep_figures(points, self.metric, self.mode).items():
+            self.client.log_figure(self.parent_run_id, figure, path)
+            figure.clear()
+
+
+def sweep_points(trials: Iterable[Any]) -> list[dict[str, Any]]:
+    """Plain-dict view of the finished (TERMINATED) trials for `smile_ray.plots`: metrics are the last result's,
+    completed by the flattened report (all tasks, model_info, timings) when the trial carries one."""
+    points = []
+    for trial in trials:
+        if trial.status != "TERMINATED":
+            continue
+        result = trial.last_result or {}
+        report = result.get("report") if isinstance(result.get("report"), Mapping) else None
+        metrics = {**result_metrics(result), **(flatten_metrics(report) if report else {})}
+        points.append({"trial_id": str(trial.trial_id), "config": flatten_config(trial.config or {}),
+                       "metrics": metrics, "report": report})
+    return points
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
+def _plain(value: Any) -> Any:
+    """JSON/YAML-safe copy: mappings and sequences recursed, numbers and strings kept, anything else as str."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    return str(value)
