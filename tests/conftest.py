@@ -6,6 +6,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # read when ray is imported: keeps Ray on 127.0.0.1
 torch.set_num_threads(1)
 
 
@@ -32,3 +34,13 @@ def tiny_config(tiny_cache):
     return {"model_pool": {"kind": "embedded", "scale": "tiny", "cache_dir": str(tiny_cache)},
             "task_pool": {"kind": "embedded", "max_samples": 20},
             "method": {"name": "smile", "gate_k": 4, "k": 8}}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session: 2 CPUs, no dashboard, on loopback."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
