@@ -97,8 +97,8 @@ def _param_value(value: Any) -> str:
 
 
 def short_config(config: Mapping[str, Any], limit: int = 80) -> str:
-    """A few words naming a configuration: "smile gate_k=4 k=8 top_k=1" (the method section), else the first
-    scalar entries of the flattened config."""
+    """A few words naming a configuration: "smile gate_k=4 k=8 top_k=1" (the method section's strings and
+    numbers; flags left out), else the same from the whole flattened config."""
     flat = flatten_config(config)
     method = {key[len("method."):]: value for key, value in flat.items() if key.startswith("method.")}
     if method:
@@ -106,7 +106,8 @@ def short_config(config: Mapping[str, Any], limit: int = 80) -> str:
         entries = method.items()
     else:
         words, entries = [], flat.items()
-    words += [f"{key}={value}" for key, value in entries if isinstance(value, (str, int, float, bool))]
+    words += [f"{key}={value}" for key, value in entries
+              if isinstance(value, (str, int, float)) and not isinstance(value, bool)]
     return " ".join(words)[:limit]
 
 

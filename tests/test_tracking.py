@@ -132,9 +132,10 @@ def test_result_metrics_keep_numbers_and_drop_tune_bookkeeping():
 
 
 def test_config_flattening_run_name_and_artifact_location(tmp_path):
-    config = {"method": {"name": "smile", "gate_k": 4, "k": -1, "targets": ["mlp"]}, "seed": 0}
+    config = {"method": {"name": "smile", "gate_k": 4, "k": -1, "targets": ["mlp"], "average_experts": False},
+              "seed": 0}
     assert flatten_config(config) == {"method.name": "smile", "method.gate_k": 4, "method.k": -1,
-                                      "method.targets": ["mlp"], "seed": 0}
+                                      "method.targets": ["mlp"], "method.average_experts": False, "seed": 0}
     assert short_config(config) == "smile gate_k=4 k=-1"
     assert default_artifact_location(f"sqlite:///{tmp_path}/x/mlflow.db") == (tmp_path / "x" / "mlartifacts").as_uri()
     assert default_artifact_location("http://127.0.0.1:5000") is None
