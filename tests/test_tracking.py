@@ -331,7 +331,7 @@ def test_real_tune_run_and_restore(ray_session, tracking_uri, client, tmp_path):
     space = {"method": {"name": "smile", "gate_k": tune.grid_search([1, 2]), "k": tune.grid_search([4, -1])},
              "fail_marker": str(tmp_path / "failed-once")}
     tuner = tune.Tuner(toy_trainable, param_space=space,
-                       tune_config=tune.TuneConfig(metric="average/accuracy", mode="max"),
+                       tune_config=tune.TuneConfig(metric="average/accuracy", mode="max", reuse_actors=True),
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name="t", callbacks=[cb], verbose=0))
     grid = tuner.fit()
     assert grid.num_errors == 1
