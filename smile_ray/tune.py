@@ -30,6 +30,7 @@ from smile_ray.spec import SweepSpec, load_space
 SUMMARY_FILE = "summary.json"
 EXPERIMENT_DIR = "tune"
 SVD_CACHE_DIR = "svd_cache"
+SWEEP_FILE = "sweep.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,17 +163,23 @@ def _scheduler(spec: SweepSpec, num_tasks: int):
 
 
 def _reporter(spec: SweepSpec):
+    """Tune's live table: method, its searched parameters, the running metric, tasks done, extra parameters.
+
+    Method parameters are shown from each trial's config ("config/method/…" result columns), so trials of
+    methods without, say, gate_k show a blank instead of breaking the table.
+    """
     from ray.tune import CLIReporter
 
-    params = {f"method/{p}": p for p in ("name", "gate_k", "k", "top_k", "model", "scaling", "space")
-              if any(p in block for block in spec.methods)}
-    return CLIReporter(parameter_columns=params, max_report_frequency=15, sort_by_metric=True,
-                       metric_columns={spec.search["metric"]: spec.search["metric"], "tasks_done": "tasks",
-                                       "model_info/extra_params": "extra params"})
+    params = [p for p in ("gate_k", "k", "top_k", "model", "scaling", "space") if any(p in b for b in spec.methods)]
+    columns = {f"config/method/{p}": p for p in params}
+    columns.update({spec.search["metric"]: spec.search["metric"], "tasks_done": "tasks",
+                    "model_info/extra_params": "extra params"})
+    return CLIReporter(parameter_columns={"method/name": "method"}, metric_columns=columns, max_report_frequency=15,
+                       sort_by_metric=True)
 
 
 def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
-    """A new Tuner, or the restored one when resuming; plus the MLflow callback it reports to."""
+    """A new Tuner, or the restored one when resuming (Tune restores its callbacks with their state)."""
     from ray import tune
 
     from smile_ray.metrics import MetricsCallback
@@ -185,28 +192,24 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     if options.resume:
         if not tune.Tuner.can_restore(path):
             raise SmileError(f"--resume: no sweep to resume in {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable)
-        callbacks = tuner._local_tuner.get_run_config().callbacks      # the restored ones, with their state
-        return tuner, next(c for c in callbacks if isinstance(c, MlflowSweepCallback))
+        return tune.Tuner.restore(path, trainable=trainable)
+    metric, mode = spec.search["metric"], spec.search["mode"]
     tracker = MlflowSweepCallback(options.tracking_uri, options.experiment, space_name=spec.name,
-                                  space=spec.document, metric=spec.search["metric"], mode=spec.search["mode"],
+                                  space=spec.document, metric=metric, mode=mode, sweep_id=str(options.output),
                                   tags={"smile_ray.output": str(options.output)})
-    num_samples = spec.search["num_samples"]
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space=spec.param_space(),
-        tune_config=tune.TuneConfig(metric=spec.search["metric"], mode=spec.search["mode"],
-                                    search_alg=_search_algorithm(spec),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=_search_algorithm(spec),
                                     scheduler=_scheduler(spec, len(pools.tasks.tasks)),
-                                    num_samples=num_samples, max_concurrent_trials=spec.search["max_concurrent"],
+                                    num_samples=spec.search["num_samples"],
+                                    max_concurrent_trials=spec.search["max_concurrent"],
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=str(options.output),
                                   failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
-                                  callbacks=[tracker, MetricsCallback(spec.name, spec.search["metric"],
-                                                                      spec.search["mode"])],
+                                  callbacks=[tracker, MetricsCallback(spec.name, metric, mode, final_key="report")],
                                   progress_reporter=_reporter(spec), verbose=options.verbose),
     )
-    return tuner, tracker
 
 
 def _scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +219,13 @@ def _scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in skip and isinstance(v, (int, float, str, bool))}
 
 
-def build_summary(spec: SweepSpec, results, tracker, options: SweepOptions) -> dict[str, Any]:
+def _last_line(text: str) -> str:
+    """The exception's own message: the last line of a Ray error (the first ones name the actor)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
+def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict[str, Any]:
     """summary.json: every trial (id, status, method config, final metrics, MLflow run) and the best one."""
     metric, mode = spec.search["metric"], spec.search["mode"]
     trials = []
@@ -226,15 +235,16 @@ def build_summary(spec: SweepSpec, results, tracker, options: SweepOptions) -> d
         status = "error" if result.error is not None else (
             "finished" if "report" in (result.metrics or {}) else "stopped")   # stopped early by the scheduler
         trials.append({"trial_id": trial_id, "status": status, "config": result.config.get("method", {}),
-                       "metrics": metrics, "mlflow_run_id": tracker.run_ids.get(trial_id),
-                       "error": None if result.error is None else str(result.error).splitlines()[0][:300]})
+                       "metrics": metrics, "mlflow_run_id": runs.run_ids.get(trial_id) if runs else None,
+                       "error": None if result.error is None else _last_line(str(result.error))})
     scored = [t for t in trials if t["status"] == "finished" and isinstance(t["metrics"].get(metric), (int, float))
               and math.isfinite(t["metrics"][metric])]
     scored.sort(key=lambda t: t["metrics"][metric], reverse=mode == "max")
     return {"space": spec.name, "metric": metric, "mode": mode, "trials": trials,
             "best": scored[0] if scored else None,
-            "mlflow": {"tracking_uri": options.tracking_uri, "experiment_id": tracker.experiment_id,
-                       "parent_run_id": tracker.parent_run_id}}
+            "mlflow": {"tracking_uri": options.tracking_uri, "experiment": options.experiment,
+                       "experiment_id": runs.experiment_id if runs else None,
+                       "parent_run_id": runs.parent_run_id if runs else None}}
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -267,13 +277,27 @@ def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
     return "\n".join(lines)
 
 
+def sweep_record(options: SweepOptions) -> SweepOptions:
+    """The tracking store of a sweep is fixed when it starts: `--resume` reads it from sweep.json."""
+    record = options.output / SWEEP_FILE
+    if options.resume and record.exists():
+        saved = json.loads(record.read_text())
+        options.tracking_uri, options.experiment = saved["tracking_uri"], saved["experiment"]
+    elif not options.resume:
+        options.output.mkdir(parents=True, exist_ok=True)
+        write_json({"tracking_uri": options.tracking_uri, "experiment": options.experiment}, record)
+    return options
+
+
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     """Prefill the SVD cache, run the sweep, write summary.json; returns the summary."""
     import ray
 
+    from smile_ray.tracking import absolute_sqlite_uri, find_sweep
     from smile_ray.trial import build_pools
 
-    options.output.mkdir(parents=True, exist_ok=True)
+    options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
+    options = sweep_record(options)
     pools = build_pools(spec.pools())
     pools.tasks.prepare()
     if not ray.is_initialized():
@@ -285,9 +309,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
         computed = sum(p["svd_computed"] for p in prefill)
         print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
               f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
-    tuner, tracker = build_tuner(spec, pools, options)
-    results = tuner.fit()
-    summary = build_summary(spec, results, tracker, options)
+    results = build_tuner(spec, pools, options).fit()
+    runs = find_sweep(options.tracking_uri, options.experiment, str(options.output))
+    summary = build_summary(spec, results, runs, options)
     summary["svd_prefill"] = prefill
     write_json(summary, options.output / SUMMARY_FILE)
     return summary

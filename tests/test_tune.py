@@ -1,0 +1,208 @@
+"""`python -m smile_ray.tune` end to end on the tiny embedded benchmark: MLflow layout, SVD once per sweep,
+resume after a killed driver, failing trials, and bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from smile_ray.tune import main
+
+TASKS = ["digit", "word", "parity"]
+
+
+def write_space(path: Path, tiny_cache, method, **sections) -> Path:
+    space = {"name": "tiny",
+             "model_pool": {"kind": "embedded", "scale": "tiny", "cache_dir": str(tiny_cache)},
+             "task_pool": {"kind": "embedded", "max_samples": 20, "tasks": TASKS},
+             "method": method,
+             "search": {"max_concurrent": 2},
+             "resources": {"cpu": 1},
+             "tracking": {"experiment": "tiny-sweep"}}
+    space.update(sections)
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def children(client, experiment_id, parent_id):
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tiny_cache, tmp_path_factory):
+    """One finished sweep: 2 individual models + a 2 × 2 SMILE grid."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    space = write_space(tmp / "space.yaml", tiny_cache, [
+        {"name": "individual", "model": ["pretrained", "digit"]},
+        {"name": "smile", "gate_k": [2, 4], "k": [4, -1]},
+    ])
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    code = main(["--space", str(space), "--output", str(tmp / "out"), "--tracking-uri", uri])
+    summary = json.loads((tmp / "out" / "summary.json").read_text())
+    return code, summary, uri, tmp
+
+
+def test_sweep_finishes_and_mlflow_holds_one_parent_and_a_child_per_trial(sweep):
+    code, summary, uri, _ = sweep
+    assert code == 0 and len(summary["trials"]) == 6
+    assert all(t["status"] == "finished" for t in summary["trials"])
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny-sweep")
+    assert experiment.experiment_id == summary["mlflow"]["experiment_id"]
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [summary["mlflow"]["parent_run_id"]]
+    kids = children(client, experiment.experiment_id, parents[0].info.run_id)
+    assert sorted(r.info.run_id for r in kids) == sorted(t["mlflow_run_id"] for t in summary["trials"])
+    by_id = {r.info.run_id: r for r in kids}
+    for trial in summary["trials"]:
+        run = by_id[trial["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["method.name"] == trial["config"]["name"]
+        assert run.data.metrics["average/accuracy"] == pytest.approx(trial["metrics"]["average/accuracy"])
+        for task in TASKS:
+            assert f"{task}/accuracy" in run.data.metrics and f"{task}/loss" in run.data.metrics
+        for key in ("model_info/all_params", "model_info/ratio", "timings/eval_seconds", "timings/svd_seconds"):
+            assert key in run.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"report.json", "per_task.json"} <= artifacts
+    best = summary["best"]
+    assert best["metrics"]["average/accuracy"] == max(t["metrics"]["average/accuracy"] for t in summary["trials"])
+
+
+def test_svds_are_computed_once_for_the_whole_sweep(sweep):
+    _, summary, _, _ = sweep
+    prefill = summary["svd_prefill"]
+    assert len(prefill) == 8 and all(p["svd_computed"] > 0 for p in prefill)      # one Ray task per expert
+    smile = [t for t in summary["trials"] if t["config"]["name"] == "smile"]
+    assert len(smile) == 4
+    for trial in smile:
+        assert trial["metrics"]["model_info/svd_calls"] == 0
+        assert trial["metrics"]["model_info/svd_cache_hits"] > 0
+        assert trial["metrics"]["timings/svd_seconds"] == 0
+
+
+def test_trial_reports_after_every_task(sweep):
+    _, summary, _, tmp = sweep
+    trial = summary["trials"][0]
+    lines = (tmp / "out" / "tune" / f"trial_{trial['trial_id']}" / "result.json").read_text().splitlines()
+    done = [json.loads(line)["tasks_done"] for line in lines]
+    assert done == [1, 2, 3, 3]
+
+
+def test_failing_trial_is_retried_then_marked_failed_and_the_sweep_completes(ray_session, tiny_bench, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bench.experts["digit"], broken)
+    (broken / "model.safetensors").unlink()
+    space = {"name": "fails",
+             "model_pool": {"kind": "clip_vision", "base": str(tiny_bench.clip_dir),
+                            "experts": {"digit": str(tiny_bench.experts["digit"]), "broken": str(broken)}},
+             "task_pool": {"kind": "clip_zero_shot", "max_samples": 10,
+                           "tasks": [{"name": t.name, "dataset": t.dataset, "classnames": t.classnames,
+                                      "templates": t.templates} for t in tiny_bench.tasks[:2]]},
+             "method": {"name": "individual", "model": ["digit", "broken"]},
+             "search": {"max_failures": 1}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["--space", str(tmp_path / "s.yaml"), "--output", str(tmp_path / "out"), "--tracking-uri", uri]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    status = {t["config"]["model"]: t for t in summary["trials"]}
+    assert status["digit"]["status"] == "finished" and status["broken"]["status"] == "error"
+    assert "model_pool.experts.broken" in status["broken"]["error"]
+    error_file = tmp_path / "out" / "tune" / f"trial_{status['broken']['trial_id']}" / "error.txt"
+    assert error_file.read_text().count("Failure #") == 2            # the first try and one retry
+    assert MlflowClient(uri).get_run(status["broken"]["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_resume_after_killing_the_driver_reruns_no_finished_trial(ray_session, tiny_cache, tmp_path):
+    space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": [1, 2, 3, 4], "k": [2, 4]},
+                        search={"max_concurrent": 1})
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "smile_ray.tune", "--space", str(space), "--output", str(out),
+               "--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def finished_trials() -> dict[str, int]:
+        done = {}
+        for result in (out / "tune").glob("trial_*/result.json"):
+            lines = result.read_text().splitlines()
+            if any('"report"' in line for line in lines):
+                done[result.parent.name] = len(lines)
+        return done
+
+    deadline = time.time() + 240
+    while len(finished_trials()) < 2 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = finished_trials()
+    assert 2 <= len(before) < 8 and not (out / "summary.json").exists()
+
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["trials"]) == 8 and all(t["status"] == "finished" for t in summary["trials"])
+    after = finished_trials()
+    assert all(after[name] == lines for name, lines in before.items())          # finished trials were not rerun
+    client = MlflowClient(uri)
+    kids = children(client, summary["mlflow"]["experiment_id"], summary["mlflow"]["parent_run_id"])
+    trial_ids = sorted(r.data.tags.get("trial_id") for r in kids)
+    assert trial_ids == sorted(t["trial_id"] for t in summary["trials"])       # one child per trial, no duplicates
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=1000)
+    assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1       # the same parent run
+
+
+BAD_INPUTS = [
+    ("yaml", "method: [\n", [], "invalid YAML"),
+    ("unknown_key", None, ["--set", "search.colour=red"], "search.colour: unknown key"),
+    ("wrong_type", None, ["--set", "task_pool.batch_size=big"], "task_pool.batch_size: expected an integer"),
+    ("gate_k", None, ["--set", "method.gate_k=[4,0]"], "method.gate_k.grid[1]: must be positive"),
+    ("empty_grid", None, ["--set", "method.k={grid: []}"], "method.k.grid: empty grid"),
+    ("unknown_method", None, ["--set", "method.name=ties"], "method.name: unknown method 'ties'"),
+    ("unknown_task", None, ["--set", "task_pool.tasks=[digit,nope]"], "task_pool.tasks[1]: unknown task 'nope'"),
+    ("missing_model", "clip_vision_missing", [], "model_pool.experts.a: no such directory"),
+    ("hub_id", "clip_vision_hub", [], "model_pool.base: 'openai/clip-vit-base-patch32' cannot be fetched"),
+    ("bad_set", None, ["--set", "method.gate_k"], "--set 'method.gate_k': expected KEY.PATH=VALUE"),
+    ("missing_space", "none", [], "--space"),
+]
+
+
+@pytest.mark.parametrize("kind, document, args, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(kind, document, args, message, tiny_cache, tmp_path, capsys):
+    space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": [2, 4], "k": 4})
+    if document == "none":
+        space = tmp_path / "missing.yaml"
+    elif document == "clip_vision_missing":
+        args = ["--set", f"model_pool={{kind: clip_vision, base: {tmp_path}, experts: {{a: {tmp_path / 'nope'}}}}}",
+                "--set", "task_pool={kind: clip_zero_shot, tasks: [mnist]}"]
+    elif document == "clip_vision_hub":
+        space = Path(__file__).parent.parent / "search_spaces" / "clip_b32.yaml"
+    elif document is not None:
+        space.write_text(document)
+    out = tmp_path / "out"
+    code = main(["--space", str(space), "--output", str(out),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and message in err
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("space", sorted(p.stem for p in (Path(__file__).parent.parent / "search_spaces").glob("*.yaml")))
+def test_shipped_spaces_validate(space, capsys):
+    assert main(["--space", space, "--validate"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_clip_b32_grid_is_the_papers_77_points():
+    from smile_ray.spec import load_space
+
+    points = load_space("clip_b32").grid_points()
+    assert len(points) == 77 and {(p["gate_k"], p["k"]) for p in points} >= {(16, 32), (768, -1), (1, 4)}
