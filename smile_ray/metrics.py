@@ -176,8 +176,8 @@ class SweepMetrics:
     def refresh(self) -> None:
         """Set every gauge this object set again, so Ray's agent keeps exporting it (it drops values older than
         two report intervals)."""
-        for (name, tags), value in self._gauges.items():
-            if _ray_running():
+        if _ray_running():
+            for (name, tags), value in self._gauges.items():
                 _instrument(name).set(value, tags=dict(tags))
 
     def _set_gauge(self, name: str, value: float, tags: dict[str, str]) -> None:
