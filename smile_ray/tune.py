@@ -49,9 +49,11 @@ def prefill_expert(models, expert: str | None, plan: list[dict], svd_cache: str,
     projection merging). Runs as a Ray task; returns what it computed."""
     import torch
 
+    from smile_ray.hub import quiet_transformers
     from smile_ray.metrics import SweepMetrics
     from smile_ray.smile import projection_merge, upscale
 
+    quiet_transformers()
     torch.set_num_threads(1)
     device = _device()
     base = models.load_base()
@@ -76,10 +78,12 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, sweep: str) ->
     import torch
     from ray import tune
 
+    from smile_ray.hub import quiet_transformers
     from smile_ray.metrics import SweepMetrics
     from smile_ray.report import flatten_metrics
     from smile_ray.trial import run_trial
 
+    quiet_transformers()
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
     device = _device()
@@ -146,12 +150,16 @@ def prefill_svd_cache(spec: SweepSpec, models, svd_cache: Path) -> list[dict[str
 def _search_algorithm(spec: SweepSpec):
     from ray.tune.search import BasicVariantGenerator
 
-    search = spec.search
+    search = spec.search             # max_concurrent goes to the search algorithm: Tune ignores its own limit here
     if search["algorithm"] == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=search["metric"], mode=search["mode"], seed=search["seed"])
-    return BasicVariantGenerator(random_state=search["seed"] if search["algorithm"] == "random" else None)
+        from ray.tune.search import ConcurrencyLimiter
+
+        optuna = OptunaSearch(metric=search["metric"], mode=search["mode"], seed=search["seed"])
+        return ConcurrencyLimiter(optuna, search["max_concurrent"]) if search["max_concurrent"] else optuna
+    return BasicVariantGenerator(max_concurrent=search["max_concurrent"] or 0,      # Tune's TuneConfig limit
+                                 random_state=search["seed"] if search["algorithm"] == "random" else None)
 
 
 def _scheduler(spec: SweepSpec, num_tasks: int):
@@ -203,7 +211,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=_search_algorithm(spec),
                                     scheduler=_scheduler(spec, len(pools.tasks.tasks)),
                                     num_samples=spec.search["num_samples"],
-                                    max_concurrent_trials=spec.search["max_concurrent"],
+                                    reuse_actors=True,       # a warm trial process keeps torch/transformers imported
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=str(options.output),
                                   failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),

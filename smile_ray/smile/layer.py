@@ -15,7 +15,8 @@ With a single expert the routing weight is 1. An expert that is not "routable" (
 this layer) gets zero router vectors and a logit of −∞, so it never takes weight from the others.
 
 The experts run as one sparse dispatch, not a Python loop: token→expert assignments are sorted
-by expert, packed into a (T, capacity, n) batch, pushed through `bmm` and scattered back.
+by expert and each expert multiplies only its own contiguous group of tokens, in one grouped GEMM
+(`torch.nn.functional.grouped_mm`); the results are added back to their tokens with `index_add_`.
 """
 from __future__ import annotations
 
@@ -112,29 +113,36 @@ class SmileLinear(nn.Module):
     def _add_experts(self, y: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> None:
         """y += Σ_K p̂ᵢ Eᵢ(x) in place, computing each expert only on the tokens routed to it.
 
-        Assignments (token, expert) are sorted by expert and packed into T slot groups of equal
-        capacity C (the largest group); unused slots carry weight 0, so they add exactly nothing.
+        The (token, expert) assignments are sorted by expert, so each expert's tokens are one contiguous
+        group, and every expert multiplies its own group in one grouped GEMM (no padding, no loop).
         """
         n_tokens, top_k = experts.shape
         expert_of = experts.reshape(-1)                                                # (N·K,)
         order = expert_of.argsort(stable=True)
-        expert_sorted = expert_of[order]
-        counts = torch.bincount(expert_of, minlength=self.num_experts)                 # (T,)
-        capacity = int(counts.max())
-        start = counts.cumsum(0) - counts
-        slot = expert_sorted * capacity + torch.arange(order.numel(), device=x.device) - start[expert_sorted]
-        n_slots = self.num_experts * capacity
-        slot_token = torch.zeros(n_slots, dtype=torch.long, device=x.device).index_copy_(0, slot, order // top_k)
-        slot_weight = x.new_zeros(n_slots).index_copy_(0, slot, weights.reshape(-1)[order].to(x.dtype))
-
-        packed = x.index_select(0, slot_token).view(self.num_experts, capacity, self.in_features)  # (T, C, n)
+        group_ends = torch.bincount(expert_of, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (T,)
+        token_of = order // top_k                                                      # sorted assignment → token
+        inner = x.index_select(0, token_of)                                            # (N·K, n), grouped by expert
         if self.dense_experts:
-            inner, outer = packed, self.delta                                          # ΔWᵢ: (T, m, n)
+            outer = self.delta                                                         # ΔWᵢ: (T, m, n)
         else:
-            inner, outer = torch.bmm(packed, self.svh.transpose(1, 2)), self.u         # (T, C, k), (T, m, k)
-        inner = inner * slot_weight.view(self.num_experts, capacity, 1)
-        out = torch.bmm(inner, outer.transpose(1, 2))                                  # (T, C, m)
-        y.index_add_(0, slot_token, out.view(n_slots, self.out_features))
+            inner = grouped_linear(inner, self.svh, group_ends)                        # Sᵢ Vᵢᵀ x: (N·K, k)
+            outer = self.u                                                             # Uᵢ: (T, m, k)
+        inner = inner * weights.reshape(-1)[order].unsqueeze(1).to(inner.dtype)
+        y.index_add_(0, token_of, grouped_linear(inner, outer, group_ends))           # (N·K, m)
         if self.expert_bias is not None:                                               # Σ_K p̂ᵢ (bᵢ − b0)
             dense_weights = x.new_zeros(n_tokens, self.num_experts).scatter_(1, experts, weights.to(x.dtype))
             y.addmm_(dense_weights, self.expert_bias)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """Rows of x (R, in) grouped by expert, each group times its own weight (T, out, in) transposed → (R, out).
+
+    group_ends[i] is where group i's rows end. Grouped GEMM kernels want 16-byte-aligned rows, so odd sizes
+    (e.g. k = 3) are zero-padded, which changes no result.
+    """
+    out_features, in_features = weight.shape[1:]
+    align = max(1, 16 // x.element_size())
+    pad_in, pad_out = -in_features % align, -out_features % align
+    if pad_in or pad_out:
+        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in, 0, pad_out))
+    return F.grouped_mm(x, weight.transpose(1, 2), offs=group_ends)[:, :out_features]

@@ -47,9 +47,11 @@ def check_same_architecture(base: nn.Module, experts: Mapping[str, nn.Module]) -
     shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
     for expert_name, expert in experts.items():
         theirs = {name: tuple(p.shape) for name, p in expert.named_parameters()}
-        for name in shapes.keys() ^ theirs.keys():
-            where = "missing from" if name in shapes else "not in the pretrained model but in"
-            raise SmileError(f"{name}: parameter {where} expert '{expert_name}' (experts must share the base architecture)")
+        missing = [n for n in shapes if n not in theirs] + [n for n in theirs if n not in shapes]
+        if missing:
+            where = "missing from" if missing[0] in shapes else "not in the pretrained model but in"
+            raise SmileError(f"{missing[0]}: parameter {where} expert '{expert_name}' "
+                             "(experts must share the base architecture)")
         for name, shape in shapes.items():
             if theirs[name] != shape:
                 raise SmileError(f"{name}: expert '{expert_name}' has shape {list(theirs[name])}, "
