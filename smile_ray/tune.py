@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from smile_ray.errors import SmileError
+from smile_ray.report import write_report
 from smile_ray.spec import SweepSpec, load_space
 
 SUMMARY_FILE = "summary.json"
 EXPERIMENT_DIR = "tune"
 SVD_CACHE_DIR = "svd_cache"
 SWEEP_FILE = "sweep.json"
+REPORTS_DIR = "reports"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,20 +73,32 @@ def prefill_expert(models, expert: str | None, plan: list[dict], svd_cache: str,
     return {"expert": expert or "pretrained", "svd_computed": computed, "svd_seconds": seconds}
 
 
-def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, sweep: str) -> None:
-    """One Tune trial: merge with config["method"], evaluate task by task, report after each task."""
+def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: str, sweep: str) -> None:
+    """One Tune trial: merge with config["method"], evaluate task by task, report after each task.
+
+    The finished report is also written to `reports_dir/<trial id>.json`: a trial that Tune runs again after
+    the driver was killed (its experiment state is saved every few seconds, not at every trial) reports that
+    file instead of computing again.
+    """
     import ray
     import torch
     from ray import tune
 
     from smile_ray.hub import quiet_transformers
     from smile_ray.metrics import SweepMetrics
-    from smile_ray.report import flatten_metrics
+    from smile_ray.report import flatten_metrics, write_report
     from smile_ray.trial import run_trial
 
+    context = tune.get_context()
+    saved = Path(reports_dir) / f"{context.get_trial_id()}.json"
+    if saved.exists():
+        report = json.loads(saved.read_text())
+        tune.report({**flatten_metrics(report), "tasks_done": len(pools.tasks.tasks), "report": report,
+                     "node_id": report["model_info"].get("node_id"), "device": report["model_info"].get("device"),
+                     "reused_report": 1})
+        return
     quiet_transformers()
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))
+    torch.set_num_threads(max(1, int(context.get_trial_resources().required_resources.get("CPU", 1))))
     device = _device()
     pools.tasks.device = torch.device(device)
     metrics = SweepMetrics(sweep)
@@ -98,8 +111,10 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, sweep: str) ->
                        on_task_done=task_done)
     if report["timings"].get("svd_seconds"):
         metrics.svd_seconds(report["timings"]["svd_seconds"])
+    report["model_info"].update(node_id=ray.get_runtime_context().get_node_id(), device=device)
+    write_report(report, saved)
     tune.report({**flatten_metrics(report), "tasks_done": len(pools.tasks.tasks), "report": report,
-                 "node_id": ray.get_runtime_context().get_node_id(), "device": device})
+                 "node_id": report["model_info"]["node_id"], "device": device})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,7 +209,8 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     from smile_ray.tracking import MlflowSweepCallback
 
     trainable = tune.with_resources(
-        tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.output / SVD_CACHE_DIR), sweep=spec.name),
+        tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.output / SVD_CACHE_DIR),
+                             reports_dir=str(options.output / REPORTS_DIR), sweep=spec.name),
         {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
     path = str(options.output / EXPERIMENT_DIR)
     if options.resume:
@@ -238,7 +254,8 @@ def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict
     metric, mode = spec.search["metric"], spec.search["mode"]
     trials = []
     for result in results:
-        trial_id = Path(result.path).name.removeprefix("trial_")
+        # every result carries its trial id; a trial that failed before reporting has only its directory name
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
         metrics = _scalar_metrics(result.metrics or {})
         status = "error" if result.error is not None else (
             "finished" if "report" in (result.metrics or {}) else "stopped")   # stopped early by the scheduler
@@ -253,13 +270,6 @@ def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict
             "mlflow": {"tracking_uri": options.tracking_uri, "experiment": options.experiment,
                        "experiment_id": runs.experiment_id if runs else None,
                        "parent_run_id": runs.parent_run_id if runs else None}}
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
@@ -293,7 +303,7 @@ def sweep_record(options: SweepOptions) -> SweepOptions:
         options.tracking_uri, options.experiment = saved["tracking_uri"], saved["experiment"]
     elif not options.resume:
         options.output.mkdir(parents=True, exist_ok=True)
-        write_json({"tracking_uri": options.tracking_uri, "experiment": options.experiment}, record)
+        write_report({"tracking_uri": options.tracking_uri, "experiment": options.experiment}, record)
     return options
 
 
@@ -321,7 +331,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     runs = find_sweep(options.tracking_uri, options.experiment, str(options.output))
     summary = build_summary(spec, results, runs, options)
     summary["svd_prefill"] = prefill
-    write_json(summary, options.output / SUMMARY_FILE)
+    write_report(summary, options.output / SUMMARY_FILE)
     return summary
 
 
