@@ -232,30 +232,31 @@ def _method_block(path: str, block: Any) -> dict[str, Any]:
     return resolved
 
 
-def _model_pool(section: Any) -> dict[str, Any]:
-    _check_type("model_pool", section, Mapping, "a mapping")
+def _pool_kind(name: str, section: Any, fields: Mapping[str, Sequence[str]]) -> str:
+    """Check a pool section's kind and keys (and an embedded build's scale); returns the kind."""
+    _check_type(name, section, Mapping, "a mapping")
     kind = section.get("kind")
-    if kind not in MODEL_POOL_FIELDS:
-        raise _fail("model_pool.kind", f"unknown kind {kind!r} (known: {', '.join(MODEL_POOL_FIELDS)})")
-    _check_fields("model_pool", section, MODEL_POOL_FIELDS[kind])
-    if kind == "clip_vision":
-        from smile_ray.pools.clip_vision import ClipVisionPool
-
-        ClipVisionPool.from_dict({k: v for k, v in section.items() if k != "kind"})
-    elif "scale" in section:
+    if kind not in fields:
+        raise _fail(f"{name}.kind", f"unknown kind {kind!r} (known: {', '.join(fields)})")
+    _check_fields(name, section, fields[kind])
+    if "scale" in section:
         from smile_ray.embedded import RECIPES
 
         if section["scale"] not in RECIPES:
-            raise _fail("model_pool.scale", f"unknown scale {section['scale']!r} (known: {', '.join(RECIPES)})")
+            raise _fail(f"{name}.scale", f"unknown scale {section['scale']!r} (known: {', '.join(RECIPES)})")
+    return kind
+
+
+def _model_pool(section: Any) -> dict[str, Any]:
+    if _pool_kind("model_pool", section, MODEL_POOL_FIELDS) == "clip_vision":
+        from smile_ray.pools.clip_vision import ClipVisionPool
+
+        ClipVisionPool.from_dict({k: v for k, v in section.items() if k != "kind"})
     return dict(section)
 
 
 def _task_pool(section: Any) -> dict[str, Any]:
-    _check_type("task_pool", section, Mapping, "a mapping")
-    kind = section.get("kind")
-    if kind not in TASK_POOL_FIELDS:
-        raise _fail("task_pool.kind", f"unknown kind {kind!r} (known: {', '.join(TASK_POOL_FIELDS)})")
-    _check_fields("task_pool", section, TASK_POOL_FIELDS[kind])
+    kind = _pool_kind("task_pool", section, TASK_POOL_FIELDS)
     for key, minimum in (("batch_size", 1), ("num_workers", 0), ("max_samples", 1)):
         value = section.get(key)
         if value is not None and (_check_type(f"task_pool.{key}", value, int, "an integer") < minimum):
@@ -351,14 +352,18 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
         raise _fail("search.algorithm", "grid search cannot sample choices or distributions; use random or optuna")
     if search["algorithm"] == "optuna" and len(methods) > 1:
         raise _fail("search.algorithm", "optuna searches a single method block")
+    if spec.model_pool["kind"] == "clip_vision":
+        num_experts = len(spec.model_pool["experts"])
+    else:
+        from smile_ray.embedded import TASKS
+
+        num_experts = len(TASKS)
     for i, block in enumerate(methods):
         top_k = block.get("top_k")
-        where = "method" if len(methods) == 1 else f"method[{i}]"
-        if top_k is not None and spec.model_pool["kind"] == "clip_vision":
-            largest = top_k.largest() if isinstance(top_k, Sampled) else top_k
-            if largest > len(spec.model_pool["experts"]):
-                raise _fail(f"{where}.top_k", f"must be at most the number of experts "
-                                              f"({len(spec.model_pool['experts'])}), got {largest}")
+        largest = top_k.largest() if isinstance(top_k, Sampled) else top_k
+        if largest is not None and largest > num_experts:
+            where = "method" if len(methods) == 1 else f"method[{i}]"
+            raise _fail(f"{where}.top_k", f"must be at most the number of experts ({num_experts}), got {largest}")
     return spec
 
 

@@ -1,0 +1,81 @@
+"""Search spaces: parsing, validation errors naming the key path, Tune param spaces, the SVD plan."""
+import pytest
+from ray import tune
+
+from smile_ray import SmileError
+from smile_ray.spec import Sampled, apply_overrides, load_space, parse_space, resolve_space_path
+
+POOLS = {"model_pool": {"kind": "embedded"}, "task_pool": {"kind": "embedded"}}
+
+
+def space(method, **sections):
+    return parse_space({**POOLS, "method": method, **sections}, "test")
+
+
+def test_grids_expand_in_order_with_defaults_filled():
+    spec = space({"name": "smile", "gate_k": [4, 16], "k": {"grid": [8, -1]}})
+    assert spec.grid_points() == [
+        {"name": "smile", "gate_k": g, "k": k, "top_k": 1, "routing_use_diff": True, "average_experts": False,
+         "targets": None} for g in (4, 16) for k in (8, -1)]
+    domain = spec.param_space()["method"]
+    assert domain["gate_k"] == tune.grid_search([4, 16]) and domain["top_k"] == 1
+
+
+def test_several_method_blocks_become_one_grid():
+    spec = space([{"name": "simple_average"}, {"name": "smile", "gate_k": 2, "k": [4, 8]}])
+    points = spec.param_space()["method"]["grid_search"]
+    assert [p["name"] for p in points] == ["simple_average", "smile", "smile"]
+
+
+def test_random_and_optuna_spaces_sample():
+    spec = space({"name": "smile", "gate_k": {"randint": [1, 33]}, "k": {"choice": [8, 32]}},
+                 search={"algorithm": "random", "num_samples": 5})
+    method = spec.param_space()["method"]
+    assert isinstance(method["gate_k"], tune.search.sample.Integer) and spec.searched
+    optuna = space({"name": "smile", "gate_k": [4, 8], "k": 4}, search={"algorithm": "optuna"})
+    assert isinstance(optuna.param_space()["method"]["gate_k"], tune.search.sample.Categorical)
+
+
+def test_svd_plan_takes_the_largest_ranks_per_routing_variant():
+    spec = space([{"name": "smile", "gate_k": [4, 16], "k": [8, -1]},
+                  {"name": "smile", "gate_k": 2, "k": [64], "routing_use_diff": False}])
+    assert spec.svd_plan() == [{"routing_use_diff": True, "gate_k": 16, "k": 8},
+                               {"routing_use_diff": False, "gate_k": 2, "k": 64}]
+    assert space({"name": "simple_average"}).svd_plan() == []
+    assert Sampled("randint", (1, 33)).largest() == 32
+
+
+@pytest.mark.parametrize("method, sections, message", [
+    ({"name": "smile", "gate_k": [4, 0], "k": 4}, {}, "method.gate_k.grid[1]: must be positive"),
+    ({"name": "smile", "gate_k": {"grid": []}, "k": 4}, {}, "method.gate_k.grid: empty grid"),
+    ({"name": "smile", "gate_k": {"uniform": [1, 4]}, "k": 4}, {"search": {"algorithm": "random"}},
+     "method.gate_k.uniform: a uniform distribution does not fit a int parameter"),
+    ({"name": "smile", "gate_k": {"randint": [8, 2]}, "k": 4}, {"search": {"algorithm": "random"}},
+     "expected low < high"),
+    ({"name": "smile", "gate_k": {"choice": [2, 4]}, "k": 4}, {}, "search.algorithm: grid search cannot sample"),
+    ({"name": "smile", "gate_k": 2}, {}, "method.k: required by method 'smile'"),
+    ({"name": "smile", "gate_k": 2, "k": 4, "top_k": 9}, {}, "method.top_k"),
+    ({"name": "task_arithmetic", "scaling": "a lot"}, {}, "method.scaling: expected float"),
+    ([], {}, "method: empty list of methods"),
+    ({"gate_k": 2}, {}, "method.name: missing"),
+    ({"name": "smile", "gate_k": 2, "k": 4}, {"resources": {"gpu": 1.5}}, "resources.gpu: a fraction must be below 1"),
+    ({"name": "smile", "gate_k": 2, "k": 4}, {"search": {"mode": "best"}}, "search.mode: must be one of max, min"),
+    ({"name": "smile", "gate_k": 2, "k": 4}, {"tracking": {"uri": "x"}}, "tracking.uri: unknown key"),
+    ({"name": "smile", "gate_k": 2, "k": 4}, {"colour": 1}, "space.colour: unknown key"),
+])
+def test_errors_name_the_key_path(method, sections, message):
+    with pytest.raises(SmileError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        space(method, **sections)
+
+
+def test_top_k_above_the_embedded_pool_size_is_refused():
+    with pytest.raises(SmileError, match="method.top_k"):
+        space({"name": "smile", "gate_k": 2, "k": 4, "top_k": 9})
+
+
+def test_shipped_spaces_resolve_by_bare_name_and_overrides_apply():
+    assert resolve_space_path("clip_b32").name == resolve_space_path("clip_b32.yaml").name == "clip_b32.yaml"
+    spec = load_space("clip_b32", ["method.gate_k=[4,16]", "task_pool.max_samples=64"])
+    assert len(spec.grid_points()) == 14 and spec.task_pool["max_samples"] == 64
+    assert apply_overrides({"a": {"b": 1}}, ["a.c.d=[1, 2]"]) == {"a": {"b": 1, "c": {"d": [1, 2]}}}
