@@ -164,3 +164,16 @@ def test_layer_constructor_rejects_bad_hyperparameters():
         SmileLinear(4, 4, 2, gate_k=1, k=2, top_k=3)
     with pytest.raises(ValueError, match="k must"):
         SmileLinear(4, 4, 2, gate_k=1, k=0)
+
+
+@pytest.mark.parametrize("k, top_k", [(3, 1), (3, 2), (-1, 1)])
+def test_dispatch_when_nearly_every_token_goes_to_one_expert(k, top_k):
+    """One expert takes most of 300 tokens: its assignments span several blocks, others get few or none."""
+    base, experts = make_pool(4)
+    model = upscale(base, experts, gate_k=2, k=k, top_k=top_k)
+    direction = model[0].gate[2, 0]
+    x = 4 * direction / direction.norm() + 0.05 * torch.randn(300, 12)
+    _, chosen = model[0].route(x)
+    assert (chosen[:, 0] == 2).float().mean() > 0.9
+    expected = reference_model(x, base, experts, gate_k=2, k=k, top_k=top_k)
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-4, atol=1e-4)

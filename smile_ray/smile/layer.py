@@ -15,8 +15,8 @@ With a single expert the routing weight is 1. An expert that is not "routable" (
 this layer) gets zero router vectors and a logit of −∞, so it never takes weight from the others.
 
 The experts run as one sparse dispatch, not a Python loop: token→expert assignments are sorted
-by expert and each expert multiplies only its own contiguous group of tokens, in one grouped GEMM
-(`torch.nn.functional.grouped_mm`); the results are added back to their tokens with `index_add_`.
+by expert and cut into equal blocks that each belong to one expert, two `bmm`s multiply every block
+by its expert's factors, and `index_add_` puts the results back on their tokens.
 """
 from __future__ import annotations
 
@@ -113,36 +113,35 @@ class SmileLinear(nn.Module):
     def _add_experts(self, y: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> None:
         """y += Σ_K p̂ᵢ Eᵢ(x) in place, computing each expert only on the tokens routed to it.
 
-        The (token, expert) assignments are sorted by expert, so each expert's tokens are one contiguous
-        group, and every expert multiplies its own group in one grouped GEMM (no padding, no loop).
+        The A = N·K (token, expert) assignments are sorted by expert and cut into blocks of B rows, each
+        block belonging to one expert: a bounded number of blocks however unevenly tokens are routed.
+        Two `bmm`s over the blocks (each with its expert's factors) compute every expert on its own tokens;
+        unused rows of a last, partial block carry weight 0 and add nothing.
         """
         n_tokens, top_k = experts.shape
-        expert_of = experts.reshape(-1)                                                # (N·K,)
+        device = x.device
+        expert_of = experts.reshape(-1)                                                # (A,)
         order = expert_of.argsort(stable=True)
-        group_ends = torch.bincount(expert_of, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (T,)
-        token_of = order // top_k                                                      # sorted assignment → token
-        inner = x.index_select(0, token_of)                                            # (N·K, n), grouped by expert
+        expert_sorted = expert_of[order]
+        counts = torch.bincount(expert_of, minlength=self.num_experts)                 # (T,) assignments per expert
+        # B = ⌈A / 4T⌉ (≤ 5T blocks; padding ≤ A/4 rows); dense experts copy a whole ΔWᵢ per block: ⌈A / T⌉
+        block = -(-expert_of.numel() // (self.num_experts * (1 if self.dense_experts else 4)))
+        blocks = (counts + block - 1) // block                                         # (T,) blocks per expert
+        block_expert = torch.repeat_interleave(torch.arange(self.num_experts, device=device), blocks)  # (NB,)
+        rank = torch.arange(order.numel(), device=device) - (counts.cumsum(0) - counts)[expert_sorted]
+        slot = ((blocks.cumsum(0) - blocks)[expert_sorted] + rank // block) * block + rank % block
+        n_slots = block_expert.numel() * block
+        slot_token = torch.zeros(n_slots, dtype=torch.long, device=device).index_copy_(0, slot, order // top_k)
+        slot_weight = x.new_zeros(n_slots).index_copy_(0, slot, weights.reshape(-1)[order].to(x.dtype))
+
+        packed = x.index_select(0, slot_token).view(-1, block, self.in_features)     # (NB, B, n)
         if self.dense_experts:
-            outer = self.delta                                                         # ΔWᵢ: (T, m, n)
+            inner, outer = packed, self.delta[block_expert]                            # ΔWᵢ: (NB, m, n)
         else:
-            inner = grouped_linear(inner, self.svh, group_ends)                        # Sᵢ Vᵢᵀ x: (N·K, k)
-            outer = self.u                                                             # Uᵢ: (T, m, k)
-        inner = inner * weights.reshape(-1)[order].unsqueeze(1).to(inner.dtype)
-        y.index_add_(0, token_of, grouped_linear(inner, outer, group_ends))           # (N·K, m)
+            inner = torch.bmm(packed, self.svh[block_expert].transpose(1, 2))          # Sᵢ Vᵢᵀ x: (NB, B, k)
+            outer = self.u[block_expert]                                               # Uᵢ: (NB, m, k)
+        inner = inner * slot_weight.view(-1, block, 1)
+        y.index_add_(0, slot_token, torch.bmm(inner, outer.transpose(1, 2)).view(n_slots, self.out_features))
         if self.expert_bias is not None:                                               # Σ_K p̂ᵢ (bᵢ − b0)
             dense_weights = x.new_zeros(n_tokens, self.num_experts).scatter_(1, experts, weights.to(x.dtype))
             y.addmm_(dense_weights, self.expert_bias)
-
-
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
-    """Rows of x (R, in) grouped by expert, each group times its own weight (T, out, in) transposed → (R, out).
-
-    group_ends[i] is where group i's rows end. Grouped GEMM kernels want 16-byte-aligned rows, so odd sizes
-    (e.g. k = 3) are zero-padded, which changes no result.
-    """
-    out_features, in_features = weight.shape[1:]
-    align = max(1, 16 // x.element_size())
-    pad_in, pad_out = -in_features % align, -out_features % align
-    if pad_in or pad_out:
-        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in, 0, pad_out))
-    return F.grouped_mm(x, weight.transpose(1, 2), offs=group_ends)[:, :out_features]
