@@ -10,6 +10,7 @@ Pure Python: no Ray, no MLflow, no torch import (models are only asked for `name
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping
@@ -120,6 +121,6 @@ def flatten_metrics(report: Mapping[str, Any], prefix: str = "") -> dict[str, fl
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_metrics(value, prefix=f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
             flat[name] = float(value)
     return flat

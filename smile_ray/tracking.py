@@ -54,22 +54,15 @@ TUNE_RESULT_KEYS = frozenset({
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 
 
+def is_bookkeeping(key: str) -> bool:
+    """Whether a result key is Tune's bookkeeping (TUNE_RESULT_KEYS, "time_…", "__…") rather than a metric."""
+    return key in TUNE_RESULT_KEYS or str(key).startswith(("time_", "__"))
+
+
 def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The metrics of one Tune result: numeric leaves (nested mappings joined with "/"), without Tune's bookkeeping
-    (TUNE_RESULT_KEYS, keys starting with "time_" or "__") and without booleans."""
-    metrics: dict[str, float] = {}
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, Mapping):
-                walk(value, f"{name}/")
-            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-                metrics[name] = float(value)
-
-    walk({key: value for key, value in result.items()
-          if key not in TUNE_RESULT_KEYS and not str(key).startswith(("time_", "__"))}, "")
-    return metrics
+    and without booleans."""
+    return flatten_metrics({key: value for key, value in result.items() if not is_bookkeeping(key)})
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

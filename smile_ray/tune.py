@@ -237,10 +237,10 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
 
 
 def _scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    skip = {"report", "config", "date", "hostname", "pid", "timestamp", "experiment_tag", "trial_id", "done",
-            "time_this_iter_s", "time_since_restore", "iterations_since_restore", "time_total_s",
-            "training_iteration", "checkpoint_dir_name", "should_checkpoint"}
-    return {k: v for k, v in result.items() if k not in skip and isinstance(v, (int, float, str, bool))}
+    """A trial's final values for summary.json: metrics and short strings (node_id, device), no bookkeeping."""
+    from smile_ray.tracking import is_bookkeeping
+
+    return {k: v for k, v in result.items() if not is_bookkeeping(k) and isinstance(v, (int, float, str, bool))}
 
 
 def _last_line(text: str) -> str:
