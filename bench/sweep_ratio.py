@@ -39,7 +39,7 @@ def sweep_ratio(work: Path, env: dict[str, str]) -> None:
     singles = 0.0
     for gate_k in GRID["gate_k"]:
         for k in GRID["k"]:
-            singles += timed_command([sys.executable, "-m", "smile_ray.run", "--no-svd-cache", "--threads", "1",
+            singles += timed_command([sys.executable, "-m", "smile_ray.run", "--no-svd-cache",      # all CPUs
                                       "--set", f"method.gate_k={gate_k}", "--set", f"method.k={k}"], env)
     sweep = timed_command([sys.executable, "-m", "smile_ray.tune", "--space", str(space),
                            "--output", str(work / "sweep")], env)

@@ -147,8 +147,9 @@ def check_sources(spec: SweepSpec) -> None:
             check_source(task.dataset, field=f"task_pool.tasks[{i}] ({task.name})", repo_type="dataset")
 
 
-def prefill_svd_cache(spec: SweepSpec, models, svd_cache: Path) -> list[dict[str, Any]]:
-    """Fill the SVD cache for every SVD a trial of this space can slice, one Ray task per expert."""
+def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
+    """Start filling the SVD cache for every SVD a trial of this space can slice, one Ray task per expert;
+    returns the tasks' ObjectRefs (each resolves to what its task computed)."""
     import ray
 
     plan = spec.svd_plan()
@@ -159,7 +160,7 @@ def prefill_svd_cache(spec: SweepSpec, models, svd_cache: Path) -> list[dict[str
         return []
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and spec.resources["gpu"] > 0 else 0
     task = ray.remote(prefill_expert).options(num_cpus=1, num_gpus=gpus, name="smile_svd_prefill")
-    return ray.get([task.remote(models, expert, plan, str(svd_cache), spec.name) for expert in jobs])
+    return [task.remote(models, expert, plan, str(svd_cache), spec.name) for expert in jobs]
 
 
 def _search_algorithm(spec: SweepSpec):
@@ -317,12 +318,13 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
     options = sweep_record(options)
     pools = build_pools(spec.pools())
-    pools.tasks.prepare()
     if not ray.is_initialized():
         ray.init(address=options.address, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
     start = time.perf_counter()
-    prefill = prefill_svd_cache(spec, pools.models, options.output / SVD_CACHE_DIR)
+    prefill_tasks = start_svd_prefill(spec, pools.models, options.output / SVD_CACHE_DIR)
+    pools.tasks.prepare()          # datasets and text heads, in the driver while the Ray tasks compute SVDs
+    prefill = ray.get(prefill_tasks)
     if prefill:
         computed = sum(p["svd_computed"] for p in prefill)
         print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
