@@ -15,7 +15,7 @@ import torch
 from smile_ray.errors import SmileError
 from smile_ray.hub import quiet_transformers
 from smile_ray.report import format_task_table, write_report
-from smile_ray.spec import apply_overrides, load_yaml
+from smile_ray.spec import apply_overrides, load_yaml, parse_space
 from smile_ray.trial import run_trial
 
 EMBEDDED_DEFAULT = {
@@ -33,7 +33,8 @@ def default_svd_cache() -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m smile_ray.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML with model_pool, task_pool and method (default: embedded SMILE)")
+    parser.add_argument("--config", help="YAML with model_pool, task_pool and method, or a search space whose "
+                                         "method is one point (default: embedded SMILE)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key with a YAML value, e.g. --set method.gate_k=8 (repeatable)")
     parser.add_argument("--report", help="write the FusionBench-style report JSON here")
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     try:
         config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT
-        config = apply_overrides(config, args.overrides)
+        spec = parse_space(apply_overrides(config, args.overrides), "run")   # the checks a sweep makes
+        config = {**spec.pools(), "method": spec.single_point()}
 
         def progress(task: str, metrics: dict, running: dict) -> None:
             print(f"  {task:<16} accuracy {100 * metrics['accuracy']:6.2f}%  ({metrics['samples']} samples, "

@@ -134,6 +134,16 @@ class SweepSpec:
                 points.append({**block, **dict(zip(keys, values))})
         return points
 
+    def single_point(self) -> dict[str, Any]:
+        """The method configuration of a space that searches nothing: what `python -m smile_ray.run` runs."""
+        sweep = "one configuration is run here; sweep it with python -m smile_ray.tune"
+        if len(self.methods) != 1:
+            raise _fail("method", f"a list of {len(self.methods)} methods, but {sweep}")
+        for key, value in self.methods[0].items():
+            if isinstance(value, Sampled):
+                raise _fail(f"method.{key}", f"a {value.kind} of values, but {sweep}")
+        return dict(self.methods[0])
+
     def param_space(self) -> dict[str, Any]:
         """The Tune param_space: {"method": …} (pools travel separately, they are constants)."""
         from ray import tune

@@ -88,8 +88,11 @@ def test_cli_writes_report_and_model(tiny_config, tmp_path, capsys):
     (["--set", "method.k=[1"], "--set 'method.k=[1': the value is not valid YAML"),
     (["--set", "novalue"], "--set 'novalue': expected KEY.PATH=VALUE"),
     (["--set", "method.top_k=9"], "top_k"),
-    (["--set", "method.colour=red"], "method.colour: unknown parameter"),
-    (["--set", "task_pool.tasks=[digit, nope]"], "task_pool.tasks: unknown task 'nope'"),
+    (["--set", "method.colour=red"], "method.colour: unknown key"),
+    (["--set", "task_pool.tasks=[digit, nope]"], "task_pool.tasks[1]: unknown task 'nope'"),
+    (["--set", "task_pool.batch_size=0"], "task_pool.batch_size: must be at least 1"),
+    (["--set", "method.gate_k=[4, 8]"], "method.gate_k: a grid of values, but one configuration is run here"),
+    (["--set", "method=[{name: simple_average}, {name: simple_average}]"], "method: a list of 2 methods"),
     (["--set", "model_pool.kind=zoo"], "model_pool.kind: unknown kind 'zoo'"),
     (["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml: no such file"),
 ])
