@@ -297,6 +297,14 @@ def _task_pool(section: Any) -> dict[str, Any]:
     return dict(section)
 
 
+def checked_pools(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The `model_pool` and `task_pool` sections of a configuration or space, validated (copies)."""
+    for key in ("model_pool", "task_pool"):
+        if key not in config:
+            raise _fail(key, "missing")
+    return _model_pool(config["model_pool"]), _task_pool(config["task_pool"])
+
+
 def _search(section: Any) -> dict[str, Any]:
     section = {} if section is None else _check_type("search", section, Mapping, "a mapping")
     _check_fields("search", section, list(SEARCH_FIELDS))
@@ -348,8 +356,9 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
     else:
         methods = [_method_block("method", blocks)]
     search = _search(document.get("search"))
-    spec = SweepSpec(name=name, document=copy.deepcopy(dict(document)), model_pool=_model_pool(document["model_pool"]),
-                     task_pool=_task_pool(document["task_pool"]), methods=methods, search=search,
+    model_pool, task_pool = checked_pools(document)
+    spec = SweepSpec(name=name, document=copy.deepcopy(dict(document)), model_pool=model_pool, task_pool=task_pool,
+                     methods=methods, search=search,
                      resources=_resources(document.get("resources")), tracking={})
     tracking = document.get("tracking") or {}
     _check_type("tracking", tracking, Mapping, "a mapping")

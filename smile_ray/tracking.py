@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from mlflow import MlflowClient
@@ -34,6 +34,9 @@ from ray import tune
 from smile_ray.errors import SmileError
 from smile_ray.plots import best_point, sweep_figures
 from smile_ray.report import flatten_metrics, task_names
+
+if TYPE_CHECKING:
+    import pandas
 
 logger = logging.getLogger(__name__)
 

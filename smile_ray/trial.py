@@ -23,6 +23,7 @@ from smile_ray.pools.clip_vision import ClipVisionPool
 from smile_ray.report import build_report
 from smile_ray.smile import SvdCache, parameter_report
 from smile_ray.smile.checkpoint import save_model
+from smile_ray.spec import checked_pools
 from smile_ray.tasks.clip_zero_shot import ClipTask, ClipZeroShotTaskPool
 from smile_ray.tasks.ta8 import ta8_tasks
 
@@ -60,16 +61,10 @@ def _embedded(*sections: dict[str, Any]):
     return build_embedded(options.get("cache_dir"), scale=options.get("scale", "full"))
 
 
-def _select_tasks(available: list[ClipTask], names: Any) -> list[ClipTask]:
-    if names is None:
-        return available
+def _select_tasks(available: list[ClipTask], names: list[str] | None) -> list[ClipTask]:
+    """The named tasks (names already checked against the recipe by `checked_pools`), all when None."""
     by_name = {task.name: task for task in available}
-    if not isinstance(names, list) or not names:
-        raise SmileError(f"task_pool.tasks: expected a non-empty list of task names, got {names!r}")
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise SmileError(f"task_pool.tasks: unknown task {unknown[0]!r} (known: {', '.join(by_name)})")
-    return [by_name[n] for n in names]
+    return available if names is None else [by_name[name] for name in names]
 
 
 def task_list(entries: Any) -> list[ClipTask]:
@@ -92,12 +87,8 @@ def task_list(entries: Any) -> list[ClipTask]:
 
 def build_pools(config: Mapping[str, Any], device: torch.device | str | None = None) -> Pools:
     """Resolve `model_pool` and `task_pool` (building the embedded benchmark if it is named)."""
-    model_section, task_section = _section(config, "model_pool"), _section(config, "task_pool")
+    model_section, task_section = checked_pools(config)
     model_kind, task_kind = model_section.get("kind"), task_section.get("kind")
-    if model_kind not in ("embedded", "clip_vision"):
-        raise SmileError(f"model_pool.kind: unknown kind {model_kind!r} (known: embedded, clip_vision)")
-    if task_kind not in ("embedded", "clip_zero_shot"):
-        raise SmileError(f"task_pool.kind: unknown kind {task_kind!r} (known: embedded, clip_zero_shot)")
     embedded = _embedded(model_section, task_section) if "embedded" in (model_kind, task_kind) else None
     model_section.pop("kind", None), task_section.pop("kind", None)
     options = {key: task_section.pop(key) for key in TASK_POOL_OPTIONS if key in task_section}
@@ -111,8 +102,6 @@ def build_pools(config: Mapping[str, Any], device: torch.device | str | None = N
         tasks, clip_model = _select_tasks(embedded.tasks, task_section.pop("tasks", None)), str(embedded.clip_dir)
     else:
         tasks, clip_model = task_list(task_section.pop("tasks", None)), task_section.pop("clip_model", models.base)
-    for key in task_section:
-        raise SmileError(f"task_pool.{key}: unknown field")
     return Pools(models, ClipZeroShotTaskPool(clip_model, tasks, device=device, **options))
 
 
