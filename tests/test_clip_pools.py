@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -338,6 +339,23 @@ def test_max_samples_takes_the_first_rows_and_no_cache_gives_the_same(world):
     pool.prepare()
     assert pool.task_data(world["tasks"][1]).labels.tolist() == [0, 1, 1, 0, 1]
     assert pool.evaluate(vision) == results
+
+
+def test_prepared_pool_lets_go_of_the_clip_towers(world):
+    vision = ClipVisionPool(base=world["clip_dir"], experts=world["experts"]).load_expert("digits")
+    fresh = ClipZeroShotTaskPool(world["clip_dir"], world["tasks"], batch_size=3, device="cpu")
+    clip_bytes = sum(p.numel() * p.element_size() for p in fresh.clip_model.parameters())
+    expected = fresh.evaluate(vision)                   # heads built lazily while evaluating
+    assert fresh.clip_model is None and fresh.tokenizer is None
+    prepared = ClipZeroShotTaskPool(world["clip_dir"], world["tasks"], batch_size=3, device="cpu")
+    prepared.prepare()
+    shipped = pickle.dumps(prepared)                    # what a sweep puts in Ray's object store
+    pixel_bytes = sum(prepared.task_data(t).pixels.nbytes for t in world["tasks"])
+    assert len(shipped) < pixel_bytes + clip_bytes / 2
+    results = pickle.loads(shipped).evaluate(vision)
+    for name, metrics in expected.items():
+        assert results[name]["accuracy"] == metrics["accuracy"]
+        assert results[name]["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
 
 
 def test_evaluates_in_the_model_dtype(world, task_pool):

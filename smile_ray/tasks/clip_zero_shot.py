@@ -61,8 +61,20 @@ def zero_shot_head(clip_model, tokenizer, classnames: list[str], templates: list
     return torch.stack(rows)
 
 
+class ImageScorer(nn.Module):
+    """What zero-shot scoring needs of a CLIP model once the heads exist: its visual projection and logit scale
+    (shared with the model, not copied)."""
+
+    def __init__(self, clip_model: CLIPModel) -> None:
+        super().__init__()
+        self.visual_projection = clip_model.visual_projection
+        self.logit_scale = clip_model.logit_scale
+
+
 def image_embeddings(clip_model, vision_model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, d) unit-norm image embeddings: vision pooler output → visual projection → normalise."""
+    """(B, d) unit-norm image embeddings: vision pooler output → visual projection → normalise.
+
+    `clip_model`: a CLIPModel, or anything with its `visual_projection` and `logit_scale` (an ImageScorer)."""
     pooled = vision_model(pixel_values=pixel_values).pooler_output
     projection = clip_model.visual_projection
     return F.normalize(projection(pooled.to(projection.weight.dtype)), dim=-1)
@@ -183,7 +195,8 @@ class ClipZeroShotTaskPool:
     The full `CLIPModel` at `clip_model` (hub id or directory) provides the frozen text tower, projections and
     logit scale; its tokenizer and image processor are loaded from the same place. Datasets, preprocessed pixels
     and heads are built once per pool object and reused by every `evaluate` call (call `prepare()` to do it
-    ahead of time). `max_samples` keeps the first N rows of each split (in dataset order, not a random subset).
+    ahead of time). Once every task's head is built the pool lets go of the CLIP towers and the tokenizer, keeping
+    only the visual projection and logit scale, so a prepared pool sent to sweep trials carries no second model. `max_samples` keeps the first N rows of each split (in dataset order, not a random subset).
     `cache_images=False` re-runs resize/crop on every evaluation instead of holding uint8 pixels in memory.
     """
 
@@ -201,7 +214,9 @@ class ClipZeroShotTaskPool:
         self.device = torch.device(device) if device is not None else None
         self.cache_images = cache_images
         field_name = "task_pool.clip_model"
-        self.clip_model: CLIPModel = load_pretrained(_load_clip_model, clip_model, field=field_name, revision=revision)
+        self.clip_model: CLIPModel | None = load_pretrained(_load_clip_model, clip_model, field=field_name,
+                                                            revision=revision)
+        self.scorer = ImageScorer(self.clip_model)
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, clip_model, field=field_name,
                                          revision=revision)
         # FusionBench's CLIPProcessor used the PIL implementation; the torchvision one resizes differently
@@ -229,6 +244,8 @@ class ClipZeroShotTaskPool:
             self.clip_model.to(device)
             head = zero_shot_head(self.clip_model, self.tokenizer, task.classnames, task.templates, device=device)
             self._heads[task.name] = head.float().cpu()
+            if len(self._heads) == len(self.tasks):      # the text side has done its work
+                self.clip_model = self.tokenizer = None
         return self._heads[task.name]
 
     def task_data(self, task: ClipTask) -> TaskData:
@@ -269,16 +286,16 @@ class ClipZeroShotTaskPool:
         """{"accuracy", "loss", "samples"} of `vision_model` (already on the device, in eval mode) on `task`."""
         device = self.resolved_device()
         dtype = next(vision_model.parameters(), torch.empty(0)).dtype
-        self.clip_model.to(device)
-        self.normalizer.to(device)
         head = self.head(task).to(device)
+        self.scorer.to(device)
+        self.normalizer.to(device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         batches = samples = 0
         for pixels, labels in self._batches(task):
             pixel_values = self.normalizer(pixels.to(device)).to(dtype)
             labels = labels.to(device)
-            logits = zero_shot_logits(self.clip_model, vision_model, pixel_values, head).float()  # (B, C)
+            logits = zero_shot_logits(self.scorer, vision_model, pixel_values, head).float()  # (B, C)
             loss_sum += F.cross_entropy(logits, labels)
             correct += (logits.argmax(dim=-1) == labels).sum()
             batches += 1
