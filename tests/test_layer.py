@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import smile_ray.smile.layer as layer_module
 from smile_ray import SmileLinear, upscale
 
 torch.manual_seed(0)
@@ -166,9 +167,12 @@ def test_layer_constructor_rejects_bad_hyperparameters():
         SmileLinear(4, 4, 2, gate_k=1, k=0)
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one chunk", "a chunk per block"])
 @pytest.mark.parametrize("k, top_k", [(3, 1), (3, 2), (-1, 1)])
-def test_dispatch_when_nearly_every_token_goes_to_one_expert(k, top_k):
+def test_dispatch_when_nearly_every_token_goes_to_one_expert(k, top_k, chunk_bytes, monkeypatch):
     """One expert takes most of 300 tokens: its assignments span several blocks, others get few or none."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(layer_module, "CHUNK_BYTES", (chunk_bytes, chunk_bytes))
     base, experts = make_pool(4)
     model = upscale(base, experts, gate_k=2, k=k, top_k=top_k)
     direction = model[0].gate[2, 0]

@@ -14,15 +14,20 @@ For one token x ∈ Rⁿ (a row of the flattened input), with T experts built fr
 With a single expert the routing weight is 1. An expert that is not "routable" (its ΔWᵢ is zero in
 this layer) gets zero router vectors and a logit of −∞, so it never takes weight from the others.
 
-The experts run as one sparse dispatch, not a Python loop: token→expert assignments are sorted
-by expert and cut into equal blocks that each belong to one expert, two `bmm`s multiply every block
-by its expert's factors, and `index_add_` puts the results back on their tokens.
+The experts run as one sparse dispatch, not a Python loop over experts: token→expert assignments are
+sorted by expert and cut into equal blocks that each belong to one expert, two `bmm`s multiply every
+block by its expert's factors, and `index_add_` puts the results back on their tokens (in chunks of
+blocks sized for the cache).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Activation bytes per dispatch chunk, (accelerator, CPU): about an L2/L3 share on a CPU; on an accelerator a
+# bound on temporary memory that ordinary batches never reach.
+CHUNK_BYTES = (256 << 20, 4 << 20)
 
 
 class SmileLinear(nn.Module):
@@ -116,7 +121,9 @@ class SmileLinear(nn.Module):
         The A = N·K (token, expert) assignments are sorted by expert and cut into blocks of B rows, each
         block belonging to one expert: a bounded number of blocks however unevenly tokens are routed.
         Two `bmm`s over the blocks (each with its expert's factors) compute every expert on its own tokens;
-        unused rows of a last, partial block carry weight 0 and add nothing.
+        unused rows of a last, partial block carry weight 0 and add nothing. Blocks go through in chunks of
+        about CHUNK_BYTES of activations, so the gathered rows and expert outputs stay in cache on a CPU and
+        bound the temporary memory on an accelerator.
         """
         n_tokens, top_k = experts.shape
         device = x.device
@@ -134,14 +141,18 @@ class SmileLinear(nn.Module):
         slot_token = torch.zeros(n_slots, dtype=torch.long, device=device).index_copy_(0, slot, order // top_k)
         slot_weight = x.new_zeros(n_slots).index_copy_(0, slot, weights.reshape(-1)[order].to(x.dtype))
 
-        packed = x.index_select(0, slot_token).view(-1, block, self.in_features)     # (NB, B, n)
-        if self.dense_experts:
-            inner, outer = packed, self.delta[block_expert]                            # ΔWᵢ: (NB, m, n)
-        else:
-            inner = torch.bmm(packed, self.svh[block_expert].transpose(1, 2))          # Sᵢ Vᵢᵀ x: (NB, B, k)
-            outer = self.u[block_expert]                                               # Uᵢ: (NB, m, k)
-        inner = inner * slot_weight.view(-1, block, 1)
-        y.index_add_(0, slot_token, torch.bmm(inner, outer.transpose(1, 2)).view(n_slots, self.out_features))
-        if self.expert_bias is not None:                                               # Σ_K p̂ᵢ (bᵢ − b0)
-            dense_weights = x.new_zeros(n_tokens, self.num_experts).scatter_(1, experts, weights.to(x.dtype))
-            y.addmm_(dense_weights, self.expert_bias)
+        row_bytes = max(self.in_features, self.out_features) * x.element_size()
+        chunk = max(1, CHUNK_BYTES[device.type == "cpu"] // (row_bytes * block))       # blocks per chunk
+        for first in range(0, block_expert.numel(), chunk):
+            chunk_experts = block_expert[first:first + chunk]                          # (nb,)
+            rows = slice(first * block, (first + chunk_experts.numel()) * block)
+            tokens, weight = slot_token[rows], slot_weight[rows].view(-1, block, 1)    # (nb·B,), (nb, B, 1)
+            packed = x.index_select(0, tokens).view(-1, block, self.in_features)       # (nb, B, n)
+            if self.dense_experts:                                                     # p̂ ΔWᵢ x
+                out = torch.bmm(packed * weight, self.delta[chunk_experts].transpose(1, 2))
+            else:                                                                      # Uᵢ (p̂ Sᵢ Vᵢᵀ x)
+                inner = torch.bmm(packed, self.svh[chunk_experts].transpose(1, 2)) * weight
+                out = torch.bmm(inner, self.u[chunk_experts].transpose(1, 2))          # (nb, B, m)
+            if self.expert_bias is not None:                                           # + p̂ (bᵢ − b0)
+                out.baddbmm_(weight, self.expert_bias[chunk_experts].unsqueeze(1))
+            y.index_add_(0, tokens, out.view(-1, self.out_features))
