@@ -25,15 +25,17 @@ import smile_ray.smile.svd as svd_module
 from smile_ray import SmileLinear, upscale
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def timed_side_by_side(fns: list, repeats: int) -> list[float]:
+    """Median seconds per call of each function, calls interleaved round by round (one warm-up round), so a
+    change in the machine's speed during the run affects every function alike."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats + 1):
+        for fn, times in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in samples]
 
 
 def expert_loop_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:
@@ -61,9 +63,8 @@ def forward_bench(tokens: int, repeats: int) -> None:
     x = torch.randn(tokens, n)
     with torch.no_grad():
         torch.testing.assert_close(expert_loop_forward(layer, x), layer(x), rtol=1e-4, atol=1e-4)
-        t_dense = timed(lambda: dense(x), repeats)
-        t_smile = timed(lambda: layer(x), repeats)
-        t_loop = timed(lambda: expert_loop_forward(layer, x), repeats)
+        t_dense, t_smile, t_loop = timed_side_by_side(
+            [lambda: dense(x), lambda: layer(x), lambda: expert_loop_forward(layer, x)], repeats)
     print(f"forward, {tokens} tokens, 768→768, 8 experts, gate_k 16, k 32, top_k 1 (median of {repeats}):")
     print(f"  dense nn.Linear       {1e3 * t_dense:8.2f} ms   1.00×")
     print(f"  SmileLinear           {1e3 * t_smile:8.2f} ms   {t_smile / t_dense:.2f}× dense   (target ≤ 1.4×)")
@@ -115,7 +116,7 @@ def upscale_bench(layers: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--layers", type=int, default=12, help="transformer layers of the B/32-shaped pool")
     parser.add_argument("--skip-upscale", action="store_true")
     args = parser.parse_args()
