@@ -125,7 +125,7 @@ class SmileLinear(nn.Module):
         about CHUNK_BYTES of activations, so the gathered rows and expert outputs stay in cache on a CPU and
         bound the temporary memory on an accelerator.
         """
-        n_tokens, top_k = experts.shape
+        top_k = experts.shape[1]
         device = x.device
         expert_of = experts.reshape(-1)                                                # (A,)
         order = expert_of.argsort(stable=True)
