@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -36,17 +37,30 @@ def timed_command(command: list[str], env: dict[str, str]) -> float:
 def sweep_ratio(work: Path, env: dict[str, str]) -> None:
     space = work / "bench12.yaml"
     space.write_text(yaml.safe_dump(SPACE))
-    singles = 0.0
+    singles, single_timings = 0.0, []
     for gate_k in GRID["gate_k"]:
         for k in GRID["k"]:
+            report = work / f"single_{gate_k}_{k}.json"
             singles += timed_command([sys.executable, "-m", "smile_ray.run", "--no-svd-cache",      # all CPUs
-                                      "--set", f"method.gate_k={gate_k}", "--set", f"method.k={k}"], env)
+                                      "--set", f"method.gate_k={gate_k}", "--set", f"method.k={k}",
+                                      "--report", str(report)], env)
+            single_timings.append(json.loads(report.read_text())["timings"])
     sweep = timed_command([sys.executable, "-m", "smile_ray.tune", "--space", str(space),
                            "--output", str(work / "sweep")], env)
+    trials = json.loads((work / "sweep" / "summary.json").read_text())["trials"]
+    imports = timed_command([sys.executable, "-c", "import smile_ray.trial"], env)
     print("1. 12 SMILE configurations on the embedded benchmark (wall time, whole commands):")
     print(f"   12 × python -m smile_ray.run --no-svd-cache (serial)  {singles:7.1f} s")
     print(f"   python -m smile_ray.tune (one sweep)                 {sweep:7.1f} s   "
           f"ratio {sweep / singles:.2f} (target ≤ 0.33)")
+    print("   where the time goes:")
+    for name, timings in (("serial runs", single_timings),
+                          ("sweep trials", [{k.removeprefix("timings/"): v for k, v in t["metrics"].items()
+                                             if k.startswith("timings/")} for t in trials])):
+        totals = {key: sum(t[key] for t in timings) for key in ("load_seconds", "svd_seconds", "eval_seconds")}
+        print(f"     {name:<13} " + ", ".join(f"{key.removesuffix('_seconds')} {value:5.1f} s"
+                                            for key, value in totals.items()) + " (summed over 12)")
+    print(f"     one process importing torch + transformers (python -c 'import smile_ray.trial'): {imports:.1f} s")
 
 
 def overhead(work: Path) -> None:
