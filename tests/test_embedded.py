@@ -135,11 +135,21 @@ def test_default_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: 
     assert default_cache_dir() == Path.home() / ".cache" / "smile_ray" / "embedded"
 
 
-def test_build_is_deterministic_and_restores_torch_state(tiny, tmp_path: Path) -> None:
+def test_build_is_deterministic_and_restores_torch_state(tiny, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    build_threads = []
+    real_split = build_module._split
+    monkeypatch.setattr(build_module, "_split", lambda recipe: build_threads.append(torch.get_num_threads())
+                        or real_split(recipe))
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)               # the caller's thread count does not reach the build
     rng_state = torch.get_rng_state()
-    other = build_embedded(tmp_path, scale="tiny")
-    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+    try:
+        other = build_embedded(tmp_path, scale="tiny")
+        assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (2, deterministic)
+    finally:
+        torch.set_num_threads(threads)
+    assert build_threads == [1]
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert other.root.name == tiny.root.name and other.root != tiny.root
     for rel in ["clip", *(f"experts/{name}" for name in tiny.experts)]:

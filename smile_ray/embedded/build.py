@@ -146,16 +146,18 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _build_environment(seed: int) -> Iterator[None]:
-    """Seeded, deterministic, quiet, and no more torch threads than the process has CPUs or the caller set.
+    """Seeded, deterministic, quiet, and on one torch thread.
 
-    The caller's RNG state, thread count and determinism flag are restored afterwards.
+    One thread makes a build bit-identical whatever thread count the caller runs with: matrix products split
+    across threads round differently, and training carries the difference into every weight (on a 2-core machine a
+    2-thread build moved the benchmark's averages by about 0.1 point). The caller's RNG state, thread count and
+    determinism flag are restored afterwards.
     """
     asked = torch.get_num_threads()
-    given = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     bars_were_off = datasets.utils.are_progress_bars_disabled()
     hf_bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
-    torch.set_num_threads(max(1, min(asked, given)))
+    torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     datasets.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
