@@ -66,12 +66,16 @@ def test_forward_matches_float64_reference(bias, top_k, k):
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_router_from_finetuned_weights():
+@pytest.mark.parametrize("k", [4, -1])
+def test_router_from_finetuned_weights(k):
     base, experts = make_pool(3)
-    model = upscale(base, experts, gate_k=3, k=4, top_k=2, routing_use_diff=False)
+    model = upscale(base, experts, gate_k=3, k=k, top_k=2, routing_use_diff=False)
     x = torch.randn(32, 12)
-    expected = reference_model(x, base, experts, gate_k=3, k=4, top_k=2, routing_use_diff=False)
+    expected = reference_model(x, base, experts, gate_k=3, k=k, top_k=2, routing_use_diff=False)
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-4, atol=1e-4)
+    layers = sum(isinstance(m, SmileLinear) for m in model.modules())
+    # one SVD of Wᵢ per expert and layer for the router, plus ΔWᵢ's for low-rank experts (dense ones use ΔWᵢ itself)
+    assert model.smile_info.svd_computed == layers * len(experts) * (2 if k > 0 else 1)
 
 
 def test_one_expert_gets_weight_one():

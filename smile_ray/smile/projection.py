@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from smile_ray.errors import SmileError
-from smile_ray.smile.svd import Decomposer, SvdCache, tensor_digest
+from smile_ray.smile.svd import Decomposer, SvdCache
 from smile_ray.smile.upscale import UpscaleInfo, check_finite, check_same_architecture, matches
 
 SPACES = ("I", "II", "II+III")
@@ -53,8 +53,6 @@ def projection_merge(base: nn.Module, finetuned: nn.Module, *, space: str = "II+
     if not isinstance(k, int) or k == 0:
         raise SmileError(f"method.k: must be a positive rank or negative (half the singular-value mass), got {k!r}")
     check_same_architecture(base, {"finetuned": finetuned})
-    if isinstance(svd_cache, (str, Path)):
-        svd_cache = SvdCache(svd_cache)
     decomposer = Decomposer(svd_cache, device)
     merged = copy.deepcopy(finetuned)
     merged_modules = dict(merged.named_modules())
@@ -65,12 +63,11 @@ def projection_merge(base: nn.Module, finetuned: nn.Module, *, space: str = "II+
         target = merged_modules[name]
         check_finite(name, {"the pretrained model": layer.weight, "the fine-tuned model": target.weight})
         w0 = layer.weight.detach().float()
-        factors = decomposer.factors(w0, min(w0.shape), SvdCache.key(name, tensor_digest(layer.weight), "", "base"))
+        factors = decomposer.factors(w0, min(w0.shape), SvdCache.key(name, decomposer.digest(layer.weight), "", "base"))
         layer_k = min(k, factors.rank) if k > 0 else energy_rank(factors.s)
         delta = project(target.weight.detach().float() - w0, factors.u, factors.v, layer_k, space)
         target.weight.copy_((w0 + delta).to(target.weight.dtype))
         info.upscaled_layers.append(name)
-    info.svd_computed, info.svd_cache_hits = decomposer.stats.computed, decomposer.stats.cache_hits
-    info.svd_seconds = decomposer.stats.seconds
+    info.count_svds(decomposer.stats)
     merged.smile_info = info
     return merged

@@ -131,8 +131,7 @@ class SvdCache:
     def put(self, key: str, factors: Factors) -> None:
         """Store factors atomically, unless an entry of at least this rank is already there."""
         path = self._path(key)
-        existing = self.get(key, factors.rank)
-        if existing is not None and (existing.rank >= factors.rank or existing.complete):
+        if self.get(key, factors.rank) is not None:       # another process may have stored it meanwhile
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -149,10 +148,14 @@ class SvdCache:
 class Decomposer:
     """Truncated SVDs through an optional cache, with statistics."""
 
-    def __init__(self, cache: SvdCache | None = None, device: torch.device | str | None = None):
-        self.cache = cache
+    def __init__(self, cache: SvdCache | str | os.PathLike | None = None, device: torch.device | str | None = None):
+        self.cache = SvdCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.device = device
         self.stats = SvdStats()
+
+    def digest(self, tensor: torch.Tensor) -> str:
+        """`tensor_digest` for cache keys; "" without a cache, where no key is looked up."""
+        return tensor_digest(tensor) if self.cache is not None else ""
 
     def factors(self, matrix: torch.Tensor, rank: int, key: str) -> Factors:
         """Top-`rank` factors of `matrix`, through the cache (if any) under `key` (see SvdCache.key)."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from smile_ray.errors import SmileError
 from smile_ray.smile.layer import SmileLinear
-from smile_ray.smile.svd import Decomposer, SvdCache, tensor_digest
+from smile_ray.smile.svd import Decomposer, SvdCache, SvdStats
 
 Experts = Sequence[nn.Module] | Mapping[str, nn.Module]
 
@@ -33,6 +33,9 @@ class UpscaleInfo:
     svd_computed: int = 0
     svd_cache_hits: int = 0
     svd_seconds: float = 0.0
+
+    def count_svds(self, stats: SvdStats) -> None:
+        self.svd_computed, self.svd_cache_hits, self.svd_seconds = stats.computed, stats.cache_hits, stats.seconds
 
 
 def named_experts(experts: Experts) -> dict[str, nn.Module]:
@@ -99,8 +102,6 @@ def upscale(base: nn.Module, experts: Experts, *, gate_k: int, k: int, top_k: in
     if not isinstance(top_k, int) or not 1 <= top_k <= len(experts):
         raise SmileError(f"top_k: must be between 1 and the number of experts ({len(experts)}), got {top_k!r}")
     check_same_architecture(base, experts)
-    if isinstance(svd_cache, (str, Path)):
-        svd_cache = SvdCache(svd_cache)
     decomposer = Decomposer(svd_cache, device)
     info = UpscaleInfo()
     model = copy.deepcopy(base)
@@ -123,8 +124,7 @@ def upscale(base: nn.Module, experts: Experts, *, gate_k: int, k: int, top_k: in
     if info.clamped_layers:
         warnings.warn(f"gate_k={gate_k}, k={k} exceed min(in, out) of {len(info.clamped_layers)} layer(s) "
                       f"(first: {info.clamped_layers[0]}); clamped to the layer's full rank", stacklevel=2)
-    info.svd_computed, info.svd_cache_hits = decomposer.stats.computed, decomposer.stats.cache_hits
-    info.svd_seconds = decomposer.stats.seconds
+    info.count_svds(decomposer.stats)
     model.smile_info = info
     return model
 
@@ -145,7 +145,8 @@ def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_nam
     w0 = base.weight.detach().float()
     deltas = [e.weight.detach().float() - w0 for e in experts]
     bias_deltas = [None if base.bias is None else e.bias.detach().float() - base.bias.detach().float() for e in experts]
-    if all(is_zero(d) and is_zero(b) for d, b in zip(deltas, bias_deltas)):
+    routable = [not is_zero(d) for d in deltas]
+    if not any(routable) and all(is_zero(b) for b in bias_deltas):
         info.skipped_layers.append(name)
         return None
 
@@ -158,20 +159,21 @@ def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_nam
                         bias=base.bias is not None, device=base.weight.device, dtype=base.weight.dtype)
     layer.base.load_state_dict(base.state_dict())
 
-    base_digest = tensor_digest(base.weight) if decomposer.cache is not None else ""
+    base_digest = decomposer.digest(base.weight)
     svd_rank = max(layer_gate_k, layer_k)
     for i, (expert, delta) in enumerate(zip(experts, deltas)):
-        routable = not is_zero(delta)
-        layer.routable[i] = routable
-        if not routable:                         # nothing learnt here: zero router vectors, zero expert
+        layer.routable[i] = routable[i]
+        if not routable[i]:                      # nothing learnt here: zero router vectors, zero expert
             layer.gate[i].zero_()
             (layer.delta[i] if layer.dense_experts else layer.u[i]).zero_()
             if not layer.dense_experts:
                 layer.svh[i].zero_()
         else:
-            expert_digest = tensor_digest(expert.weight) if decomposer.cache is not None else ""
+            expert_digest = decomposer.digest(expert.weight)
             key = {what: SvdCache.key(name, base_digest, expert_digest, what) for what in ("diff", "weight")}
-            factors = decomposer.factors(delta, svd_rank, key["diff"])
+            # ΔWᵢ's factors feed the low-rank expert and the router of routing_use_diff; dense experts by Wᵢ need none
+            factors = (decomposer.factors(delta, svd_rank, key["diff"])
+                       if routing_use_diff or not layer.dense_experts else None)
             router = factors if routing_use_diff else decomposer.factors(expert.weight.detach().float(),
                                                                          layer_gate_k, key["weight"])
             layer.gate[i].copy_(router.v[:, :layer_gate_k].T)
