@@ -156,7 +156,8 @@ def _trial_error(trial: Any) -> str | None:
     return None
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
+    """The exception's own message: the last non-empty line (a Ray error's first lines name the actor)."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -357,7 +358,7 @@ class MlflowSweepCallback(tune.Callback):
         try:
             hook(*args)
         except (MlflowException, OSError, ValueError) as error:
-            logger.warning("MLflow tracking (%s) failed: %s", what, _last_line(str(error)))
+            logger.warning("MLflow tracking (%s) failed: %s", what, last_line(str(error)))
 
     def _open_child(self, trial: Any) -> str:
         """The trial's child run, created on first sight, else reopened (RUNNING)."""
@@ -404,7 +405,7 @@ class MlflowSweepCallback(tune.Callback):
         tags = {"smile_ray.recoveries": str(count)}
         text = _trial_error(trial)
         if text:
-            tags["smile_ray.previous_error"] = _last_line(text)
+            tags["smile_ray.previous_error"] = last_line(text)
         self._set_tags(run_id, tags)
 
     def _child(self, trial: Any) -> str:
@@ -448,7 +449,7 @@ class MlflowSweepCallback(tune.Callback):
         run_id = self._child(trial)
         text = _trial_error(trial)
         if text:
-            self._set_tags(run_id, {"smile_ray.error": _last_line(text)[:MAX_TAG_LENGTH]})
+            self._set_tags(run_id, {"smile_ray.error": last_line(text)[:MAX_TAG_LENGTH]})
             self.client.log_text(run_id, text, "error.txt")
         self.client.set_terminated(run_id, status="FAILED")
 

@@ -67,21 +67,18 @@ def _select_tasks(available: list[ClipTask], names: list[str] | None) -> list[Cl
     return available if names is None else [by_name[name] for name in names]
 
 
-def task_list(entries: Any) -> list[ClipTask]:
-    """TA8 names, or mappings with the ClipTask fields for other datasets."""
-    if not isinstance(entries, list) or not entries:
-        raise SmileError(f"task_pool.tasks: expected a non-empty list, got {entries!r}")
+def task_list(entries: list) -> list[ClipTask]:
+    """TA8 names, or mappings with the ClipTask fields for other datasets (the list already checked by
+    `spec.checked_pools`: non-empty, each entry a known TA8 name or a mapping)."""
     tasks = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             tasks.extend(ta8_tasks([entry]))
-        elif isinstance(entry, Mapping):
-            try:
-                tasks.append(ClipTask(**entry))
-            except TypeError as error:
-                raise SmileError(f"task_pool.tasks[{i}]: {error}") from None
-        else:
-            raise SmileError(f"task_pool.tasks[{i}]: expected a task name or a mapping, got {entry!r}")
+            continue
+        try:
+            tasks.append(ClipTask(**entry))
+        except TypeError as error:
+            raise SmileError(f"task_pool.tasks[{i}]: {error}") from None
     return tasks
 
 
@@ -101,7 +98,9 @@ def build_pools(config: Mapping[str, Any], device: torch.device | str | None = N
     if task_kind == "embedded":
         tasks, clip_model = _select_tasks(embedded.tasks, task_section.pop("tasks", None)), str(embedded.clip_dir)
     else:
-        tasks, clip_model = task_list(task_section.pop("tasks", None)), task_section.pop("clip_model", models.base)
+        tasks, clip_model = task_list(task_section.pop("tasks")), task_section.pop("clip_model", None)
+        if clip_model is None:              # the base model's own CLIP, at the revision its vision tower came from
+            clip_model, options["revision"] = models.base, models.revision
     return Pools(models, ClipZeroShotTaskPool(clip_model, tasks, device=device, **options))
 
 

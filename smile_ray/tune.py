@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -86,35 +85,35 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: s
 
     from smile_ray.hub import quiet_transformers
     from smile_ray.metrics import SweepMetrics
-    from smile_ray.report import flatten_metrics, write_report
+    from smile_ray.report import flatten_metrics
     from smile_ray.trial import run_trial
 
     context = tune.get_context()
-    saved = Path(reports_dir) / f"{context.get_trial_id()}.json"
-    if saved.exists():
+    trial_id = context.get_trial_id()
+    saved = Path(reports_dir) / f"{trial_id}.json"
+    reused = saved.exists()
+    if reused:
         report = json.loads(saved.read_text())
-        tune.report({**flatten_metrics(report), "tasks_done": len(pools.tasks.tasks), "report": report,
-                     "node_id": report["model_info"].get("node_id"), "device": report["model_info"].get("device"),
-                     "reused_report": 1})
-        return
-    quiet_transformers()
-    torch.set_num_threads(max(1, int(context.get_trial_resources().required_resources.get("CPU", 1))))
-    device = _device()
-    pools.tasks.device = torch.device(device)
-    metrics = SweepMetrics(sweep)
+    else:
+        quiet_transformers()
+        torch.set_num_threads(max(1, int(context.get_trial_resources().required_resources.get("CPU", 1))))
+        device = _device()
+        pools.tasks.device = torch.device(device)
+        metrics = SweepMetrics(sweep)
 
-    def task_done(task: str, task_metrics: dict, running: dict) -> None:
-        metrics.eval_throughput(task_metrics["samples"] / max(task_metrics["seconds"], 1e-9))
-        tune.report({**flatten_metrics(running), "tasks_done": len(running) - 1})
+        def task_done(task: str, task_metrics: dict, running: dict) -> None:
+            metrics.eval_throughput(task_metrics["samples"] / max(task_metrics["seconds"], 1e-9), trial=trial_id)
+            tune.report({**flatten_metrics(running), "tasks_done": len(running) - 1})
 
-    report = run_trial({"method": config["method"]}, pools=pools, svd_cache=svd_cache, device=device,
-                       on_task_done=task_done)
-    if report["timings"].get("svd_seconds"):
-        metrics.svd_seconds(report["timings"]["svd_seconds"])
-    report["model_info"].update(node_id=ray.get_runtime_context().get_node_id(), device=device)
-    write_report(report, saved)
+        report = run_trial({"method": config["method"]}, pools=pools, svd_cache=svd_cache, device=device,
+                           on_task_done=task_done)
+        if report["timings"].get("svd_seconds"):
+            metrics.svd_seconds(report["timings"]["svd_seconds"])
+        report["model_info"].update(node_id=ray.get_runtime_context().get_node_id(), device=device)
+        write_report(report, saved)
     tune.report({**flatten_metrics(report), "tasks_done": len(pools.tasks.tasks), "report": report,
-                 "node_id": report["model_info"]["node_id"], "device": device})
+                 "node_id": report["model_info"].get("node_id"), "device": report["model_info"].get("device"),
+                 **({"reused_report": 1} if reused else {})})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,14 +243,11 @@ def _scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not is_bookkeeping(k) and isinstance(v, (int, float, str, bool))}
 
 
-def _last_line(text: str) -> str:
-    """The exception's own message: the last line of a Ray error (the first ones name the actor)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:500] if lines else ""
-
-
 def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict[str, Any]:
     """summary.json: every trial (id, status, method config, final metrics, MLflow run) and the best one."""
+    from smile_ray.plots import best_point
+    from smile_ray.tracking import last_line
+
     metric, mode = spec.search["metric"], spec.search["mode"]
     trials = []
     for result in results:
@@ -262,12 +258,9 @@ def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict
             "finished" if "report" in (result.metrics or {}) else "stopped")   # stopped early by the scheduler
         trials.append({"trial_id": trial_id, "status": status, "config": result.config.get("method", {}),
                        "metrics": metrics, "mlflow_run_id": runs.run_ids.get(trial_id) if runs else None,
-                       "error": None if result.error is None else _last_line(str(result.error))})
-    scored = [t for t in trials if t["status"] == "finished" and isinstance(t["metrics"].get(metric), (int, float))
-              and math.isfinite(t["metrics"][metric])]
-    scored.sort(key=lambda t: t["metrics"][metric], reverse=mode == "max")
+                       "error": None if result.error is None else last_line(str(result.error))[:500]})
     return {"space": spec.name, "metric": metric, "mode": mode, "trials": trials,
-            "best": scored[0] if scored else None,
+            "best": best_point([t for t in trials if t["status"] == "finished"], metric, mode),
             "mlflow": {"tracking_uri": options.tracking_uri, "experiment": options.experiment,
                        "experiment_id": runs.experiment_id if runs else None,
                        "parent_run_id": runs.parent_run_id if runs else None}}
