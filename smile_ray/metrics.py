@@ -3,7 +3,8 @@
 Who records what:
 - SVD prefill tasks and trials that computed SVDs: `SweepMetrics(sweep).svd_seconds(seconds)`;
 - trials, after each evaluated task: `SweepMetrics(sweep).eval_throughput(samples_per_second)`;
-- the driver, through the Tune callback `MetricsCallback`: trials ended (by status) and the best score so far.
+- the driver, through the Tune callback `tracking.MetricsCallback`: trials ended (by status) and the best
+  score so far. (Kept out of this module, so that SVD-prefill tasks recording here never import `ray.tune`.)
 
 What Ray 2.60 exports (scraped from a local node's `/metrics`; `tests/test_metrics.py` checks it again):
 - a Counter `smile_x` becomes `ray_smile_x_total` (the OpenTelemetry exporter, Ray's default, adds `_total` and
@@ -22,12 +23,9 @@ Outside Ray (`ray.is_initialized()` false, e.g. `python -m smile_ray.run`) every
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
-
-from ray.tune import Callback
 
 TRIAL_STATUSES = ("finished", "stopped", "failed")   # stopped: ended early by the scheduler (ASHA)
 SVD_SOURCES = ("prefill", "trial")
@@ -184,59 +182,3 @@ class SweepMetrics:
         self._gauges[(name, tuple(sorted(tags.items())))] = float(value)
         if _ray_running():
             _instrument(name).set(float(value), tags=tags)
-
-
-def _lookup(result: dict[str, Any], metric: str) -> Any:
-    """result[metric], or the nested value for "a/b" when the result is not flattened."""
-    if metric in result:
-        return result[metric]
-    value: Any = result
-    for part in metric.split("/"):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-class MetricsCallback(Callback):
-    """Tune callback (runs on the driver): counts trials that ended and keeps `smile_best_score` up to date.
-
-    A trial that completes counts as "finished", or as "stopped" when `final_key` is given and its last result
-    lacks that key (the scheduler ended it before its final report); only finished trials can set the best score.
-    An errored trial counts as "failed" once it will not be retried.
-    """
-
-    def __init__(self, sweep: str, metric: str, mode: str = "max", final_key: str | None = None,
-                 refresh_seconds: float = 5.0):
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-        self.metrics = SweepMetrics(sweep)
-        self.metric, self.mode, self.final_key = metric, mode, final_key
-        self.refresh_seconds = refresh_seconds
-        self.best: float | None = None
-        self._last_refresh = 0.0
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        result = trial.last_result or {}
-        final = self.final_key is None or self.final_key in result
-        self.metrics.trial_finished("finished" if final else "stopped")
-        value = _lookup(result, self.metric)
-        if final and isinstance(value, (int, float)) and math.isfinite(value):
-            if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
-                self.best = float(value)
-                self.metrics.best_score(self.best, self.metric)
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.metrics.trial_finished("failed")
-
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        now = time.monotonic()
-        if self.best is not None and now - self._last_refresh >= self.refresh_seconds:
-            self._last_refresh = now
-            self.metrics.best_score(self.best, self.metric)       # keeps the gauge exported (see the module doc)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")

@@ -1,4 +1,5 @@
-"""MLflow tracking of a sweep, written by one process: a Ray Tune callback on the driver.
+"""What the driver records about a sweep, through Ray Tune callbacks: MLflow runs (`MlflowSweepCallback`) and the
+sweep-level Ray metrics of `smile_ray.metrics` (`MetricsCallback`: trials ended, best score so far).
 
 Layout: one parent run per sweep (the space as `space.yaml`, best-trial metrics, plots) and one child run per trial
 (tag `mlflow.parentRunId`; params = the flattened trial config; every numeric result as a metric at step
@@ -32,6 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from ray import tune
 
 from smile_ray.errors import SmileError
+from smile_ray.metrics import SweepMetrics
 from smile_ray.plots import best_point, sweep_figures
 from smile_ray.report import flatten_metrics, task_names
 
@@ -532,3 +534,59 @@ def _plain(value: Any) -> Any:
         value = float(value)
         return value if math.isfinite(value) else str(value)
     return str(value)
+
+
+def _lookup(result: dict[str, Any], metric: str) -> Any:
+    """result[metric], or the nested value for "a/b" when the result is not flattened."""
+    if metric in result:
+        return result[metric]
+    value: Any = result
+    for part in metric.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+class MetricsCallback(tune.Callback):
+    """Tune callback (runs on the driver): counts trials that ended and keeps `smile_best_score` up to date.
+
+    A trial that completes counts as "finished", or as "stopped" when `final_key` is given and its last result
+    lacks that key (the scheduler ended it before its final report); only finished trials can set the best score.
+    An errored trial counts as "failed" once it will not be retried.
+    """
+
+    def __init__(self, sweep: str, metric: str, mode: str = "max", final_key: str | None = None,
+                 refresh_seconds: float = 5.0):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.metrics = SweepMetrics(sweep)
+        self.metric, self.mode, self.final_key = metric, mode, final_key
+        self.refresh_seconds = refresh_seconds
+        self.best: float | None = None
+        self._last_refresh = 0.0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        result = trial.last_result or {}
+        final = self.final_key is None or self.final_key in result
+        self.metrics.trial_finished("finished" if final else "stopped")
+        value = _lookup(result, self.metric)
+        if final and isinstance(value, (int, float)) and math.isfinite(value):
+            if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+                self.best = float(value)
+                self.metrics.best_score(self.best, self.metric)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.metrics.trial_finished("failed")
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        now = time.monotonic()
+        if self.best is not None and now - self._last_refresh >= self.refresh_seconds:
+            self._last_refresh = now
+            self.metrics.best_score(self.best, self.metric)       # keeps the gauge exported (see the module doc)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")

@@ -205,8 +205,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     """A new Tuner, or the restored one when resuming (Tune restores its callbacks with their state)."""
     from ray import tune
 
-    from smile_ray.metrics import MetricsCallback
-    from smile_ray.tracking import MlflowSweepCallback
+    from smile_ray.tracking import MetricsCallback, MlflowSweepCallback
 
     trainable = tune.with_resources(
         tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.output / SVD_CACHE_DIR),

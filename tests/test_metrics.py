@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from smile_ray.metrics import EXPORTED, METRICS, MetricsCallback, SweepMetrics
+from smile_ray.metrics import EXPORTED, METRICS, SweepMetrics
+from smile_ray.tracking import MetricsCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "dashboards" / "smile_sweep.json"
