@@ -106,7 +106,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "SMILE_RAY_CACHE": os.environ.get("SMILE_RAY_CACHE", str(Path.home() / ".cache" / "smile_ray"))}
-    os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")})
+    os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE",
+                                            "SMILE_RAY_CACHE")})
+    from smile_ray.embedded import build_embedded
+
+    build_embedded()          # built (or found) before anything is timed: a first build would land in one run
     print(f"{os.cpu_count()} CPUs; output in {work}\n")
     sweep_ratio(work, env)
     overhead(work)
