@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,27 +35,55 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
+KEY_SEGMENT = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")     # name, then any [i] list indices
+
+
+def _key_steps(item: str, key: str) -> list[str | int]:
+    """`method[3].gate_k` → ["method", 3, "gate_k"]."""
+    steps: list[str | int] = []
+    for segment in key.split("."):
+        match = KEY_SEGMENT.fullmatch(segment)
+        if match is None:
+            raise SmileError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. method.gate_k=16 or method[3].k=-1")
+        steps.append(match.group(1))
+        steps.extend(int(index) for index in re.findall(r"\[(\d+)\]", match.group(2)))
+    return steps
+
+
+def _path(steps: Sequence[str | int]) -> str:
+    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+
+
 def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of `config` with each `a.b.c=VALUE` set (VALUE parsed as YAML: 16, [4, 16], true, text)."""
+    """A copy of `config` with each `a.b.c=VALUE` set (VALUE parsed as YAML: 16, [4, 16], true, text); `a[i]`
+    names entry i of a list, e.g. one block of a list of methods: `method[3].gate_k=[4, 8]`."""
     result = copy.deepcopy(dict(config))
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
+        if not sep or not key:
             raise SmileError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. method.gate_k=16")
+        steps = _key_steps(item, key)
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise SmileError(f"--set {item!r}: the value is not valid YAML") from None
-        node = result
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise SmileError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
-            node = child
-        node[parts[-1]] = value
+        node: Any = result
+        for depth, step in enumerate(steps):
+            last = depth == len(steps) - 1
+            if isinstance(step, int):
+                if not isinstance(node, list) or step >= len(node):
+                    raise SmileError(f"--set {item!r}: {_path(steps[:depth])} has no entry [{step}]")
+            elif isinstance(node, list):
+                raise SmileError(f"--set {item!r}: {_path(steps[:depth])} is a list of {len(node)}; name an entry, "
+                                 f"e.g. {_path([*steps[:depth], len(node) - 1, *steps[depth:]])}")
+            elif not isinstance(node, dict):
+                raise SmileError(f"--set {item!r}: {_path(steps[:depth])} is not a mapping")
+            if last:
+                node[step] = value
+            else:
+                if isinstance(step, str) and node.get(step) is None:
+                    node[step] = {}
+                node = node[step]
     return result
 
 

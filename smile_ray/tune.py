@@ -336,7 +336,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                             "(default: embedded)")
     parser.add_argument("--output", help="trial storage, SVD cache and summary.json (default: ./smile_runs/<space>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the space with a YAML value, e.g. --set method.gate_k=[4,16]")
+                        help="override a key of the space with a YAML value, e.g. --set method.gate_k=[4,16]; "
+                             "method[3].k=-1 sets entry 3 of a list")
     parser.add_argument("--resume", action="store_true", help="continue the sweep stored in --output")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")

@@ -1,4 +1,6 @@
 """Search spaces: parsing, validation errors naming the key path, Tune param spaces, the SVD plan."""
+import re
+
 import pytest
 from ray import tune
 
@@ -79,3 +81,14 @@ def test_shipped_spaces_resolve_by_bare_name_and_overrides_apply():
     spec = load_space("clip_b32", ["method.gate_k=[4,16]", "task_pool.max_samples=64"])
     assert len(spec.grid_points()) == 14 and spec.task_pool["max_samples"] == 64
     assert apply_overrides({"a": {"b": 1}}, ["a.c.d=[1, 2]"]) == {"a": {"b": 1, "c": {"d": [1, 2]}}}
+
+
+def test_overrides_reach_into_a_list_of_method_blocks():
+    spec = load_space("embedded", ["method[3].gate_k=[4]", "method[3].k=[8, 16]"])
+    smile = [p for p in spec.grid_points() if p["name"] == "smile"]
+    assert [(p["gate_k"], p["k"]) for p in smile] == [(4, 8), (4, 16)]
+    for override, message in (("method.gate_k=4", "method is a list of 4; name an entry, e.g. method[3].gate_k"),
+                              ("method[4].k=8", "method has no entry [4]"),
+                              ("method[x].k=8", "expected KEY.PATH=VALUE")):
+        with pytest.raises(SmileError, match=re.escape(message)):
+            load_space("embedded", [override])
