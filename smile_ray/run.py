@@ -10,13 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from smile_ray.errors import SmileError
-from smile_ray.hub import quiet_transformers
 from smile_ray.report import format_task_table, write_report
 from smile_ray.spec import apply_overrides, load_yaml, parse_space
-from smile_ray.trial import run_trial
 
 EMBEDDED_DEFAULT = {
     "model_pool": {"kind": "embedded"},
@@ -49,12 +45,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_transformers()
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     try:
         config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT
         spec = parse_space(apply_overrides(config, args.overrides), "run")   # the checks a sweep makes
         config = {**spec.pools(), "method": spec.single_point()}
+        import torch                                  # after the checks: bad input is refused in about a second
+
+        from smile_ray.hub import quiet_transformers
+        from smile_ray.trial import run_trial
+
+        quiet_transformers()
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
 
         def progress(task: str, metrics: dict, running: dict) -> None:
             print(f"  {task:<16} accuracy {100 * metrics['accuracy']:6.2f}%  ({metrics['samples']} samples, "

@@ -304,9 +304,11 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     """Prefill the SVD cache, run the sweep, write summary.json; returns the summary."""
     import ray
 
+    from smile_ray.hub import quiet_transformers
     from smile_ray.tracking import absolute_sqlite_uri, find_sweep
     from smile_ray.trial import build_pools
 
+    quiet_transformers()
     options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
     options = sweep_record(options)
     pools = build_pools(spec.pools())
@@ -351,9 +353,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")          # Tune's table reporter, with our columns
-    from smile_ray.hub import quiet_transformers
-
-    quiet_transformers()
     try:
         spec = load_space(args.space, args.overrides)
         if args.validate:

@@ -10,10 +10,12 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import CLIPVisionModel, PretrainedConfig
+
+if TYPE_CHECKING:   # transformers is imported when a model is loaded: validating a pool stays light
+    from transformers import CLIPVisionModel
 
 from smile_ray.errors import SmileError
 from smile_ray.hub import load_pretrained
@@ -112,6 +114,8 @@ def load_clip_vision(source: str, *, field: str, dtype: torch.dtype = torch.floa
 
 
 def _load_clip_vision(source: str, *, dtype: torch.dtype, **hub_kwargs) -> CLIPVisionModel:
+    from transformers import CLIPVisionModel, PretrainedConfig
+
     config, _ = PretrainedConfig.get_config_dict(source, **hub_kwargs)
     model_type = config.get("model_type")
     if model_type not in CLIP_MODEL_TYPES:

@@ -6,10 +6,12 @@ import json
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smile_ray.errors import SmileError
-from smile_ray.tasks.clip_zero_shot import ClipTask
+
+if TYPE_CHECKING:   # the task pool (torch, transformers, datasets) is imported only to build tasks
+    from smile_ray.tasks.clip_zero_shot import ClipTask
 
 TA8_TASK_NAMES: tuple[str, ...] = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
 
@@ -57,6 +59,8 @@ def ta8_tasks(names: Sequence[str] | str | None = None, *, split: str = "test",
     `{"mnist": {"dataset": "/data/mnist"}, "svhn": {"image_column": "img"}}` (a local `save_to_disk` copy,
     or a column renamed by a newer dataset revision).
     """
+    from smile_ray.tasks.clip_zero_shot import ClipTask
+
     names = check_task_names(TA8_TASK_NAMES if names is None else names)
     overrides = dict(overrides or {})
     check_task_names(list(overrides))
