@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,24 +301,38 @@ def sweep_record(options: SweepOptions) -> SweepOptions:
     return options
 
 
-def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
-    """Prefill the SVD cache, run the sweep, write summary.json; returns the summary."""
-    import ray
-
+def load_pools(spec: SweepSpec):
+    """The driver's pools (importing torch and transformers, finding or building the models)."""
     from smile_ray.hub import quiet_transformers
-    from smile_ray.tracking import absolute_sqlite_uri, find_sweep
     from smile_ray.trial import build_pools
 
     quiet_transformers()
-    options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
-    options = sweep_record(options)
-    pools = build_pools(spec.pools())
-    if not ray.is_initialized():
-        ray.init(address=options.address, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
+    return build_pools(spec.pools())
+
+
+def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
+    """Prefill the SVD cache, run the sweep, write summary.json; returns the summary.
+
+    The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
+    and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
+    import ray
+
+    with ThreadPoolExecutor(1, thread_name_prefix="smile-pools") as background:
+        loading = background.submit(load_pools, spec)
+        if not ray.is_initialized():
+            ray.init(address=options.address, dashboard_host="127.0.0.1",
+                     runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
+        pools = loading.result()
+    from mlflow import MlflowClient
+
+    from smile_ray.tracking import absolute_sqlite_uri, find_sweep
+
     start = time.perf_counter()
     prefill_tasks = start_svd_prefill(spec, pools.models, options.output / SVD_CACHE_DIR)
-    pools.tasks.prepare()          # datasets and text heads, in the driver while the Ray tasks compute SVDs
+    pools.tasks.prepare()                                         # datasets and zero-shot heads
+    options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
+    options = sweep_record(options)
+    MlflowClient(tracking_uri=options.tracking_uri)               # opens the store (MLflow keeps it for the callback)
     prefill = ray.get(prefill_tasks)
     if prefill:
         computed = sum(p["svd_computed"] for p in prefill)
