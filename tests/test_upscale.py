@@ -7,6 +7,7 @@ from torch import nn
 
 from smile_ray import SmileError, SmileLinear, upscale
 from smile_ray.smile.svd import svd_call_count
+from smile_ray.smile.upscale import is_zero
 from tests.test_layer import make_pool
 
 
@@ -103,12 +104,23 @@ def test_expert_of_another_architecture_names_the_parameter():
         upscale(base, {"a": experts[0], "b": nn.Sequential(nn.Linear(12, 12))}, gate_k=2, k=2)
 
 
-def test_non_finite_weights_name_the_layer_and_model():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("parameter", ["weight", "bias"])
+def test_non_finite_weights_name_the_layer_and_model(value, parameter):
     base, experts = make_net_pool()
     with torch.no_grad():
-        experts[2].attn.weight[0, 0] = float("nan")
-    with pytest.raises(SmileError, match=r"^attn: expert 'expert2' has non-finite"):
+        getattr(experts[2].attn, parameter).view(-1)[3] = value
+    owner = "expert 'expert2'" + (" bias" if parameter == "bias" else "")
+    with pytest.raises(SmileError, match=rf"^attn: {owner} has non-finite"):
         upscale(base, experts, gate_k=2, k=2)
+
+
+@pytest.mark.parametrize("scale", [0.0, 5e-9, 1e-8, 1.01e-8, 1e-6])
+def test_zero_task_vector_test_is_the_references_allclose(scale):
+    delta = torch.zeros(7, 5)
+    delta[2, 3], delta[4, 1] = scale, -scale / 2
+    assert is_zero(delta) == torch.allclose(delta, torch.zeros_like(delta))
+    assert is_zero(-delta) == torch.allclose(-delta, torch.zeros_like(delta))
 
 
 def test_no_experts_is_an_error():

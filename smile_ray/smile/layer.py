@@ -54,7 +54,9 @@ class SmileLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.gate_k, self.k, self.top_k = num_experts, gate_k, k, top_k
-        self.base = nn.Linear(in_features, out_features, bias=bias, **factory)
+        # every parameter is filled by upscale or load_state_dict: none is randomly initialised first
+        self.base = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype,
+                                       device=torch.get_default_device() if device is None else device)
         self.gate = nn.Parameter(torch.empty(num_experts, gate_k, in_features, **factory))
         if k > 0:
             self.u = nn.Parameter(torch.empty(num_experts, out_features, k, **factory))
