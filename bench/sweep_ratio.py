@@ -7,7 +7,13 @@
    (Ray already started, SVD cache warm) against `run_trial` called 12 times in-process on the same pools.
    Target ≤ 2 s per trial.
 
+With `--pool b32`, part 1 runs on a pool whose SVDs cost what real ones do: a randomly initialised CLIP with
+CLIP-ViT-B/32's vision tower shape (768 wide, 3072 MLP, `--layers` of its 12 layers) and eight experts made by
+perturbing it, evaluated zero-shot on the embedded benchmark's eight test sets (images resized to 224, the first
+`--max-samples` per task). The accuracies mean nothing; the timings are those of a B/32 pool cut to `--layers`.
+
     python bench/sweep_ratio.py [--workdir DIR]
+    python bench/sweep_ratio.py --pool b32 [--layers 4] [--max-samples 8]
 """
 from __future__ import annotations
 
@@ -28,28 +34,72 @@ SPACE = {"name": "bench12", "model_pool": {"kind": "embedded"}, "task_pool": {"k
          "tracking": {"experiment": "smile-bench12"}}
 
 
+def b32_shaped_space(root: Path, layers: int, max_samples: int) -> dict:
+    """SPACE on a B/32-shaped random pool written under `root` (save_pretrained directories), with the embedded
+    benchmark's tokenizer and test sets."""
+    import copy
+    import dataclasses
+
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from smile_ray.embedded import build_embedded
+
+    embedded = build_embedded()
+    tokenizer = AutoTokenizer.from_pretrained(embedded.clip_dir)
+    clip_dir, experts = root / "clip", {task.name: root / task.name for task in embedded.tasks}
+    if not clip_dir.exists():
+        torch.manual_seed(0)
+        config = CLIPConfig(
+            vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": layers,
+                           "num_attention_heads": 12, "patch_size": 32, "image_size": 224},
+            text_config={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": layers,
+                         "num_attention_heads": 8, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+                         "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                         "eos_token_id": tokenizer.eos_token_id},
+            projection_dim=512)
+        clip = CLIPModel(config).eval()
+        for path in experts.values():
+            expert = copy.deepcopy(clip.vision_model)           # a CLIPVisionModel in transformers 5
+            with torch.no_grad():
+                for p in expert.parameters():
+                    p.add_(torch.randn_like(p), alpha=1e-3)
+            expert.save_pretrained(path)
+        tokenizer.save_pretrained(clip_dir)
+        processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+        processor.save_pretrained(clip_dir)
+        clip.save_pretrained(clip_dir)            # last: its presence means the pool is complete
+    tasks = [{k: v for k, v in dataclasses.asdict(task).items() if k != "extra"} for task in embedded.tasks]
+    return {**SPACE, "name": "bench12_b32",
+            "model_pool": {"kind": "clip_vision", "base": str(clip_dir),
+                           "experts": {name: str(path) for name, path in experts.items()}},
+            "task_pool": {"kind": "clip_zero_shot", "tasks": tasks, "max_samples": max_samples},
+            "tracking": {"experiment": "smile-bench12-b32"}}
+
+
 def timed_command(command: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
-def sweep_ratio(work: Path, env: dict[str, str]) -> None:
-    space = work / "bench12.yaml"
-    space.write_text(yaml.safe_dump(SPACE))
+def sweep_ratio(work: Path, env: dict[str, str], space_document: dict) -> None:
+    space = work / f"{space_document['name']}.yaml"
+    space.write_text(yaml.safe_dump(space_document))
     singles, single_timings = 0.0, []
     for gate_k in GRID["gate_k"]:
         for k in GRID["k"]:
             report = work / f"single_{gate_k}_{k}.json"
             singles += timed_command([sys.executable, "-m", "smile_ray.run", "--no-svd-cache",      # all CPUs
-                                      "--set", f"method.gate_k={gate_k}", "--set", f"method.k={k}",
+                                      "--config", str(space), "--set", f"method.gate_k={gate_k}",
+                                      "--set", f"method.k={k}",
                                       "--report", str(report)], env)
             single_timings.append(json.loads(report.read_text())["timings"])
     sweep = timed_command([sys.executable, "-m", "smile_ray.tune", "--space", str(space),
                            "--output", str(work / "sweep")], env)
     trials = json.loads((work / "sweep" / "summary.json").read_text())["trials"]
     imports = timed_command([sys.executable, "-c", "import smile_ray.trial"], env)
-    print("1. 12 SMILE configurations on the embedded benchmark (wall time, whole commands):")
+    print(f"1. 12 SMILE configurations on {space_document['name']} (wall time, whole commands):")
     print(f"   12 × python -m smile_ray.run --no-svd-cache (serial)  {singles:7.1f} s")
     print(f"   python -m smile_ray.tune (one sweep)                 {sweep:7.1f} s   "
           f"ratio {sweep / singles:.2f} (target ≤ 0.33)")
@@ -101,6 +151,10 @@ def overhead(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="where sweeps write (default: a temporary directory)")
+    parser.add_argument("--pool", choices=("embedded", "b32"), default="embedded",
+                        help="b32: part 1 only, on a B/32-shaped random pool (see above)")
+    parser.add_argument("--layers", type=int, default=4, help="--pool b32: vision and text layers")
+    parser.add_argument("--max-samples", type=int, default=8, help="--pool b32: test images per task")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="smile_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -112,7 +166,10 @@ def main() -> None:
 
     build_embedded()          # built (or found) before anything is timed: a first build would land in one run
     print(f"{os.cpu_count()} CPUs; output in {work}\n")
-    sweep_ratio(work, env)
+    if args.pool == "b32":
+        sweep_ratio(work, env, b32_shaped_space(work / f"b32_pool_{args.layers}", args.layers, args.max_samples))
+        return
+    sweep_ratio(work, env, SPACE)
     overhead(work)
 
 
