@@ -1,5 +1,7 @@
 """One configuration end to end: run_trial and `python -m smile_ray.run` on the tiny embedded benchmark."""
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -123,3 +125,13 @@ def test_missing_model_directory_is_named(tiny_config, tmp_path):
               "method": {"name": "simple_average"}}
     with pytest.raises(SmileError, match=f"^model_pool.base: cannot load '{tmp_path}/nothing'"):
         run_trial(config)
+
+
+def test_cli_refuses_bad_input_before_loading_transformers():
+    """A typo is refused in about a second: the checks run before torch's model stack is imported."""
+    code = ("import sys\nfrom smile_ray.run import main\n"
+            "assert main(['--set', 'method.gate_k=0']) == 2\n"
+            "assert 'transformers' not in sys.modules and 'datasets' not in sys.modules, 'imported too early'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "error: method.gate_k: must be positive, got 0"
