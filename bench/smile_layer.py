@@ -8,6 +8,7 @@
 
     python bench/smile_layer.py                  # everything (B/32 upscale: several minutes on 2 CPUs)
     python bench/smile_layer.py --layers 2       # a 2-layer B/32-shaped pool, for a quick look
+    python bench/smile_layer.py --skip-upscale --device cuda --tokens 65536   # the forward on a GPU
 """
 from __future__ import annotations
 
@@ -25,14 +26,18 @@ import smile_ray.smile.svd as svd_module
 from smile_ray import SmileLinear, upscale
 
 
-def timed_side_by_side(fns: list, repeats: int) -> list[float]:
+def timed_side_by_side(fns: list, repeats: int, device: torch.device) -> list[float]:
     """Median seconds per call of each function, calls interleaved round by round (one warm-up round), so a
-    change in the machine's speed during the run affects every function alike."""
+    change in the machine's speed during the run affects every function alike. On a GPU each call is timed
+    from an idle device to its last kernel's end."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     samples: list[list[float]] = [[] for _ in fns]
     for round_ in range(repeats + 1):
         for fn, times in zip(fns, samples):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if round_:
                 times.append(time.perf_counter() - start)
     return [statistics.median(times) for times in samples]
@@ -52,20 +57,21 @@ def expert_loop_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def forward_bench(tokens: int, repeats: int) -> None:
+def forward_bench(tokens: int, repeats: int, device: torch.device) -> None:
     torch.manual_seed(0)
     n = m = 768
-    layer = SmileLinear(n, m, 8, gate_k=16, k=32, top_k=1)
+    layer = SmileLinear(n, m, 8, gate_k=16, k=32, top_k=1, device=device)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(std=0.02)
-    dense = nn.Linear(n, m)
-    x = torch.randn(tokens, n)
+    dense = nn.Linear(n, m, device=device)
+    x = torch.randn(tokens, n, device=device)
     with torch.no_grad():
         torch.testing.assert_close(expert_loop_forward(layer, x), layer(x), rtol=1e-4, atol=1e-4)
         t_dense, t_smile, t_loop = timed_side_by_side(
-            [lambda: dense(x), lambda: layer(x), lambda: expert_loop_forward(layer, x)], repeats)
-    print(f"forward, {tokens} tokens, 768→768, 8 experts, gate_k 16, k 32, top_k 1 (median of {repeats}):")
+            [lambda: dense(x), lambda: layer(x), lambda: expert_loop_forward(layer, x)], repeats, device)
+    print(f"forward on {device}, {tokens} tokens, 768→768, 8 experts, gate_k 16, k 32, top_k 1 "
+          f"(median of {repeats}):")
     print(f"  dense nn.Linear       {1e3 * t_dense:8.2f} ms   1.00×")
     print(f"  SmileLinear           {1e3 * t_smile:8.2f} ms   {t_smile / t_dense:.2f}× dense   (target ≤ 1.4×)")
     print(f"  per-expert loop       {1e3 * t_loop:8.2f} ms   {t_loop / t_dense:.2f}× dense   "
@@ -94,18 +100,19 @@ def b32_pool(layers: int, experts: int) -> tuple[nn.Module, list[nn.Module]]:
     return base, pool
 
 
-def upscale_bench(layers: int) -> None:
+def upscale_bench(layers: int, device: torch.device) -> None:
     base, experts = b32_pool(layers, 8)
     linears = sum(isinstance(m, nn.Linear) for m in base.modules())
-    print(f"\nupscale of a CLIP-ViT-B/32-shaped pool: {layers} layers, 8 experts, {linears * 8} SVDs, gate_k 16, k 32:")
+    print(f"\nupscale of a CLIP-ViT-B/32-shaped pool: {layers} layers, 8 experts, {linears * 8} SVDs on {device}, "
+          "gate_k 16, k 32:")
     start = time.perf_counter()
-    upscale(base, experts, gate_k=16, k=32)
+    upscale(base, experts, gate_k=16, k=32, device=device)
     t_truncated = time.perf_counter() - start
     truncated = svd_module.truncated_svd
     svd_module.truncated_svd = full_svd
     try:
         start = time.perf_counter()
-        upscale(base, experts, gate_k=16, k=32)
+        upscale(base, experts, gate_k=16, k=32, device=device)
         t_full = time.perf_counter() - start
     finally:
         svd_module.truncated_svd = truncated
@@ -119,13 +126,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--layers", type=int, default=12, help="transformer layers of the B/32-shaped pool")
     parser.add_argument("--skip-upscale", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the forward runs: cpu or cuda (the upscale always "
+                                                        "runs its SVDs there too)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {threads} CPU threads\n")
-    forward_bench(args.tokens, args.repeats)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} CPU threads"
+    print(f"torch {torch.__version__}, {where}\n")
+    forward_bench(args.tokens, args.repeats, device)
     if not args.skip_upscale:
-        upscale_bench(args.layers)
+        upscale_bench(args.layers, device)
 
 
 if __name__ == "__main__":
