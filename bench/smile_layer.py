@@ -105,6 +105,8 @@ def upscale_bench(layers: int, device: torch.device) -> None:
     linears = sum(isinstance(m, nn.Linear) for m in base.modules())
     print(f"\nupscale of a CLIP-ViT-B/32-shaped pool: {layers} layers, 8 experts, {linears * 8} SVDs on {device}, "
           "gate_k 16, k 32:")
+    svd_module.truncated_svd(torch.randn(64, 48), 8, device)       # warm-up: the first linalg call loads its library
+    full_svd(torch.randn(64, 48), 8, device)
     start = time.perf_counter()
     upscale(base, experts, gate_k=16, k=32, device=device)
     t_truncated = time.perf_counter() - start

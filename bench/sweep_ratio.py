@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def b32_shaped_space(root: Path, layers: int, max_samples: int) -> dict:
     embedded = build_embedded()
     tokenizer = AutoTokenizer.from_pretrained(embedded.clip_dir)
     clip_dir, experts = root / "clip", {task.name: root / task.name for task in embedded.tasks}
-    if not clip_dir.exists():
+    if not (clip_dir / "model.safetensors").exists():   # written last: the pool is complete
         torch.manual_seed(0)
         config = CLIPConfig(
             vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": layers,
@@ -68,7 +69,7 @@ def b32_shaped_space(root: Path, layers: int, max_samples: int) -> dict:
         tokenizer.save_pretrained(clip_dir)
         processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
         processor.save_pretrained(clip_dir)
-        clip.save_pretrained(clip_dir)            # last: its presence means the pool is complete
+        clip.save_pretrained(clip_dir)
     tasks = [{k: v for k, v in dataclasses.asdict(task).items() if k != "extra"} for task in embedded.tasks]
     return {**SPACE, "name": "bench12_b32",
             "model_pool": {"kind": "clip_vision", "base": str(clip_dir),
@@ -95,9 +96,11 @@ def sweep_ratio(work: Path, env: dict[str, str], space_document: dict) -> None:
                                       "--set", f"method.k={k}",
                                       "--report", str(report)], env)
             single_timings.append(json.loads(report.read_text())["timings"])
+    shutil.rmtree(work / "sweep", ignore_errors=True)       # a fresh sweep: its SVD cache starts empty
     sweep = timed_command([sys.executable, "-m", "smile_ray.tune", "--space", str(space),
                            "--output", str(work / "sweep")], env)
-    trials = json.loads((work / "sweep" / "summary.json").read_text())["trials"]
+    summary = json.loads((work / "sweep" / "summary.json").read_text())
+    trials = summary["trials"]
     imports = timed_command([sys.executable, "-c", "import smile_ray.trial"], env)
     print(f"1. 12 SMILE configurations on {space_document['name']} (wall time, whole commands):")
     print(f"   12 × python -m smile_ray.run --no-svd-cache (serial)  {singles:7.1f} s")
@@ -110,6 +113,9 @@ def sweep_ratio(work: Path, env: dict[str, str], space_document: dict) -> None:
         totals = {key: sum(t[key] for t in timings) for key in ("load_seconds", "svd_seconds", "eval_seconds")}
         print(f"     {name:<13} " + ", ".join(f"{key.removesuffix('_seconds')} {value:5.1f} s"
                                             for key, value in totals.items()) + " (summed over 12)")
+    prefill = summary["svd_prefill"]
+    print(f"     sweep prefill {sum(p['svd_computed'] for p in prefill)} SVDs in "
+          f"{sum(p['svd_seconds'] for p in prefill):.1f} s (summed over {len(prefill)} Ray tasks, one CPU each)")
     print(f"     one process importing torch + transformers (python -c 'import smile_ray.trial'): {imports:.1f} s")
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT
         spec = parse_space(apply_overrides(config, args.overrides), "run")   # the checks a sweep makes
         config = {**spec.pools(), "method": spec.single_point()}
-        import torch                                  # after the checks: bad input is refused in about a second
+        import torch                     # the model stack loads after the checks: bad input is refused fast
 
         from smile_ray.hub import quiet_transformers
         from smile_ray.trial import run_trial

@@ -35,7 +35,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
-KEY_SEGMENT = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")     # name, then any [i] list indices
+KEY_SEGMENT = re.compile(r"([^.\[\]]+)((?:\[-?\d+\])*)")     # name, then any [i] list indices
+KEY_INDEX = re.compile(r"\[(-?\d+)\]")
 
 
 def _key_steps(item: str, key: str) -> list[str | int]:
@@ -46,7 +47,10 @@ def _key_steps(item: str, key: str) -> list[str | int]:
         if match is None:
             raise SmileError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. method.gate_k=16 or method[3].k=-1")
         steps.append(match.group(1))
-        steps.extend(int(index) for index in re.findall(r"\[(\d+)\]", match.group(2)))
+        for index in KEY_INDEX.findall(match.group(2)):
+            if int(index) < 0:
+                raise SmileError(f"--set {item!r}: {segment}: list indices start at 0")
+            steps.append(int(index))
     return steps
 
 
@@ -71,11 +75,14 @@ def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict
         for depth, step in enumerate(steps):
             last = depth == len(steps) - 1
             if isinstance(step, int):
-                if not isinstance(node, list) or step >= len(node):
+                if not isinstance(node, list):
+                    raise SmileError(f"--set {item!r}: {_path(steps[:depth])} is not a list")
+                if step >= len(node):
                     raise SmileError(f"--set {item!r}: {_path(steps[:depth])} has no entry [{step}]")
             elif isinstance(node, list):
-                raise SmileError(f"--set {item!r}: {_path(steps[:depth])} is a list of {len(node)}; name an entry, "
-                                 f"e.g. {_path([*steps[:depth], len(node) - 1, *steps[depth:]])}")
+                example = f", e.g. {_path([*steps[:depth], len(node) - 1, *steps[depth:]])}" if node else ""
+                raise SmileError(f"--set {item!r}: {_path(steps[:depth])} is a list of {len(node)}; name an "
+                                 f"entry{example}")
             elif not isinstance(node, dict):
                 raise SmileError(f"--set {item!r}: {_path(steps[:depth])} is not a mapping")
             if last:

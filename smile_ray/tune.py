@@ -16,16 +16,21 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smile_ray.errors import SmileError
 from smile_ray.report import write_report
 from smile_ray.spec import SweepSpec, load_space
+
+if TYPE_CHECKING:   # the driver imports torch and transformers only once a sweep starts
+    from smile_ray.trial import Pools
 
 SUMMARY_FILE = "summary.json"
 EXPERIMENT_DIR = "tune"
@@ -301,13 +306,28 @@ def sweep_record(options: SweepOptions) -> SweepOptions:
     return options
 
 
-def load_pools(spec: SweepSpec):
+def load_pools(spec: SweepSpec) -> Pools:
     """The driver's pools (importing torch and transformers, finding or building the models)."""
     from smile_ray.hub import quiet_transformers
     from smile_ray.trial import build_pools
 
     quiet_transformers()
     return build_pools(spec.pools())
+
+
+def in_background(function: Callable[..., Any], *args: Any) -> Future:
+    """Run `function(*args)` in a daemon thread; the Future gives its result or raises its error. Being a daemon,
+    the thread never holds up the process: Ctrl-C or an error in the caller exits at once."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:          # handed to whoever waits on the Future
+            future.set_exception(error)
+
+    threading.Thread(target=work, name=f"smile-{function.__name__}", daemon=True).start()
+    return future
 
 
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
@@ -317,12 +337,11 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
     import ray
 
-    with ThreadPoolExecutor(1, thread_name_prefix="smile-pools") as background:
-        loading = background.submit(load_pools, spec)
-        if not ray.is_initialized():
-            ray.init(address=options.address, dashboard_host="127.0.0.1",
-                     runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
-        pools = loading.result()
+    loading = in_background(load_pools, spec)
+    if not ray.is_initialized():
+        ray.init(address=options.address, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
+    pools = loading.result()
     from mlflow import MlflowClient
 
     from smile_ray.tracking import absolute_sqlite_uri, find_sweep

@@ -89,6 +89,8 @@ def test_overrides_reach_into_a_list_of_method_blocks():
     assert [(p["gate_k"], p["k"]) for p in smile] == [(4, 8), (4, 16)]
     for override, message in (("method.gate_k=4", "method is a list of 4; name an entry, e.g. method[3].gate_k"),
                               ("method[4].k=8", "method has no entry [4]"),
-                              ("method[x].k=8", "expected KEY.PATH=VALUE")):
+                              ("method[x].k=8", "expected KEY.PATH=VALUE"),
+                              ("method[-1].k=8", "method[-1]: list indices start at 0"),
+                              ("search[0]=1", "search is not a list")):
         with pytest.raises(SmileError, match=re.escape(message)):
             load_space("embedded", [override])

@@ -110,22 +110,22 @@ class ClipVisionPool:
 def load_clip_vision(source: str, *, field: str, dtype: torch.dtype = torch.float32,
                      revision: str | None = None) -> CLIPVisionModel:
     """A `CLIPVisionModel` from a hub id or a directory; one-line `SmileError` naming `field` on failure."""
-    return load_pretrained(_load_clip_vision, source, field=field, revision=revision, dtype=dtype)
+    from transformers import CLIPVisionModel, PretrainedConfig   # outside load_pretrained's "cannot load" errors
 
+    def load(source: str, *, dtype: torch.dtype, **hub_kwargs) -> CLIPVisionModel:
+        config, _ = PretrainedConfig.get_config_dict(source, **hub_kwargs)
+        model_type = config.get("model_type")
+        if model_type not in CLIP_MODEL_TYPES:
+            raise ValueError(f"model_type is {model_type!r}, not a CLIP vision model")
+        with _quiet_load_report():
+            model, info = CLIPVisionModel.from_pretrained(source, dtype=dtype, output_loading_info=True,
+                                                          **hub_kwargs)
+        missing = sorted(info["missing_keys"])
+        if missing:  # a full CLIPModel checkpoint leaves unexpected text-tower keys (fine); missing ones are not
+            raise ValueError(f"{len(missing)} weights missing from the checkpoint, e.g. {missing[0]}")
+        return model.eval()
 
-def _load_clip_vision(source: str, *, dtype: torch.dtype, **hub_kwargs) -> CLIPVisionModel:
-    from transformers import CLIPVisionModel, PretrainedConfig
-
-    config, _ = PretrainedConfig.get_config_dict(source, **hub_kwargs)
-    model_type = config.get("model_type")
-    if model_type not in CLIP_MODEL_TYPES:
-        raise ValueError(f"model_type is {model_type!r}, not a CLIP vision model")
-    with _quiet_load_report():
-        model, info = CLIPVisionModel.from_pretrained(source, dtype=dtype, output_loading_info=True, **hub_kwargs)
-    missing = sorted(info["missing_keys"])
-    if missing:  # a full CLIPModel checkpoint leaves unexpected text-tower keys, which are fine; missing ones are not
-        raise ValueError(f"{len(missing)} weights missing from the checkpoint, e.g. {missing[0]}")
-    return model.eval()
+    return load_pretrained(load, source, field=field, revision=revision, dtype=dtype)
 
 
 @contextmanager

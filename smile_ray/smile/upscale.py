@@ -85,7 +85,7 @@ def matches(name: str, targets: Sequence[str] | None) -> bool:
 
 def is_zero(tensor: torch.Tensor | None) -> bool:
     """The reference's test for an untrained task vector, allclose(Δ, 0) with rtol 1e-5 and atol 1e-8, which
-    against zero is |Δ| ≤ 1e-8 everywhere."""
+    against zero is |Δ| ≤ 1e-8 everywhere (Δ in float32, as upscale computes it)."""
     if tensor is None:
         return True
     low, high = value_range(tensor)
