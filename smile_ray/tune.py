@@ -218,9 +218,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
                              reports_dir=str(options.output / REPORTS_DIR), sweep=spec.name),
         {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
     path = str(options.output / EXPERIMENT_DIR)
-    if options.resume:
-        if not tune.Tuner.can_restore(path):
-            raise SmileError(f"--resume: no sweep to resume in {path}")
+    if options.resume:                                   # run_sweep checked that there is one
         return tune.Tuner.restore(path, trainable=trainable)
     metric, mode = spec.search["metric"], spec.search["mode"]
     tracker = MlflowSweepCallback(options.tracking_uri, options.experiment, space_name=spec.name,
@@ -336,7 +334,10 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
     and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
     import ray
+    from ray import tune
 
+    if options.resume and not tune.Tuner.can_restore(str(options.output / EXPERIMENT_DIR)):
+        raise SmileError(f"--resume: no sweep to resume in {options.output / EXPERIMENT_DIR}")
     loading = in_background(load_pools, spec)
     if not ray.is_initialized():
         ray.init(address=options.address, dashboard_host="127.0.0.1",

@@ -168,6 +168,7 @@ BAD_INPUTS = [
     ("hub_id", "clip_vision_hub", [], "model_pool.base: 'openai/clip-vit-base-patch32' cannot be fetched"),
     ("bad_set", None, ["--set", "method.gate_k"], "--set 'method.gate_k': expected KEY.PATH=VALUE"),
     ("missing_space", "none", [], "--space"),
+    ("nothing_to_resume", None, ["--resume"], "--resume: no sweep to resume in"),
 ]
 
 
