@@ -134,7 +134,7 @@ def overhead(work: Path) -> None:
     svd_cache = work / "overhead" / SVD_CACHE_DIR
     pools = build_pools(spec.pools())
     points = spec.grid_points()
-    for largest in spec.svd_plan():          # warm the SVD cache at the ranks every point slices, as the sweep's prefill
+    for largest in spec.svd_plan():          # warm the SVD cache at the ranks every point slices, as a prefill does
         run_trial({"method": {**points[0], **largest}}, pools=pools, svd_cache=svd_cache)
     start = time.perf_counter()
     for point in points:

@@ -127,6 +127,12 @@ def ray_job_id() -> str | None:
         return None
 
 
+def open_store(tracking_uri: str) -> None:
+    """Open the tracking store ahead of its first use (a new sqlite file creates its tables: about 2 s). MLflow
+    keeps one store per URI, so the sweep's callback later finds it open."""
+    MlflowClient(tracking_uri=tracking_uri)
+
+
 def absolute_sqlite_uri(tracking_uri: str) -> str:
     """`sqlite:///relative.db` made absolute (Tuner.restore may run from another directory); other URIs as given."""
     if not tracking_uri.startswith("sqlite:///"):

@@ -334,25 +334,25 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
     and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
     import ray
-    from ray import tune
 
-    if options.resume and not tune.Tuner.can_restore(str(options.output / EXPERIMENT_DIR)):
-        raise SmileError(f"--resume: no sweep to resume in {options.output / EXPERIMENT_DIR}")
+    if options.resume:
+        from ray import tune
+
+        if not tune.Tuner.can_restore(str(options.output / EXPERIMENT_DIR)):
+            raise SmileError(f"--resume: no sweep to resume in {options.output / EXPERIMENT_DIR}")
     loading = in_background(load_pools, spec)
     if not ray.is_initialized():
         ray.init(address=options.address, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
     pools = loading.result()
-    from mlflow import MlflowClient
-
-    from smile_ray.tracking import absolute_sqlite_uri, find_sweep
+    from smile_ray.tracking import absolute_sqlite_uri, find_sweep, open_store
 
     start = time.perf_counter()
     prefill_tasks = start_svd_prefill(spec, pools.models, options.output / SVD_CACHE_DIR)
     pools.tasks.prepare()                                         # datasets and zero-shot heads
     options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
     options = sweep_record(options)
-    MlflowClient(tracking_uri=options.tracking_uri)               # opens the store (MLflow keeps it for the callback)
+    open_store(options.tracking_uri)
     prefill = ray.get(prefill_tasks)
     if prefill:
         computed = sum(p["svd_computed"] for p in prefill)

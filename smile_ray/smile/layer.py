@@ -133,7 +133,8 @@ class SmileLinear(nn.Module):
         order = expert_of.argsort(stable=True)
         expert_sorted = expert_of[order]
         counts = torch.bincount(expert_of, minlength=self.num_experts)                 # (T,) assignments per expert
-        # B = ⌈A / 4T⌉ (≤ 5T blocks; padding ≤ A/4 rows); dense experts copy a whole ΔWᵢ per block: ⌈A / T⌉
+        # B = ⌈A / 4T⌉ (≤ 5T blocks; padding ≤ A/4 rows);
+        # dense experts copy a whole ΔWᵢ per block: ⌈A / T⌉
         block = -(-expert_of.numel() // (self.num_experts * (1 if self.dense_experts else 4)))
         blocks = (counts + block - 1) // block                                         # (T,) blocks per expert
         block_expert = torch.repeat_interleave(torch.arange(self.num_experts, device=device), blocks)  # (NB,)

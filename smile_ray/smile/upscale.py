@@ -184,7 +184,8 @@ def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_nam
         else:
             expert_digest = decomposer.digest(expert.weight)
             key = {what: SvdCache.key(name, base_digest, expert_digest, what) for what in ("diff", "weight")}
-            # ΔWᵢ's factors feed the low-rank expert and the router of routing_use_diff; dense experts by Wᵢ need none
+            # ΔWᵢ's factors feed the low-rank expert and the router of routing_use_diff;
+            # dense experts routed by Wᵢ need none
             factors = (decomposer.factors(delta, svd_rank, key["diff"])
                        if routing_use_diff or not layer.dense_experts else None)
             router = factors if routing_use_diff else decomposer.factors(expert.weight.detach().float(),

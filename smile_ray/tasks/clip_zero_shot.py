@@ -196,7 +196,8 @@ class ClipZeroShotTaskPool:
     logit scale; its tokenizer and image processor are loaded from the same place. Datasets, preprocessed pixels
     and heads are built once per pool object and reused by every `evaluate` call (call `prepare()` to do it
     ahead of time). Once every task's head is built the pool lets go of the CLIP towers and the tokenizer, keeping
-    only the visual projection and logit scale, so a prepared pool sent to sweep trials carries no second model. `max_samples` keeps the first N rows of each split (in dataset order, not a random subset).
+    only the visual projection and logit scale, so a prepared pool sent to sweep trials carries no second model.
+    `max_samples` keeps the first N rows of each split (in dataset order, not a random subset).
     `cache_images=False` re-runs resize/crop on every evaluation instead of holding uint8 pixels in memory.
     """
 
