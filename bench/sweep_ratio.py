@@ -78,34 +78,53 @@ def b32_shaped_space(root: Path, layers: int, max_samples: int) -> dict:
             "tracking": {"experiment": "smile-bench12-b32"}}
 
 
-def timed_command(command: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
+def busy_core_seconds() -> float | None:
+    """CPU time the whole machine has spent busy since boot, in core-seconds (Linux /proc/stat; None elsewhere).
+    Every process counts, Ray's workers and daemons included, so the bench needs a quiet machine."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]                                   # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")    # user … steal; guest time is inside user
+
+
+def timed_command(command: list[str], env: dict[str, str]) -> tuple[float, float | None]:
+    """(wall seconds, busy core-seconds of the machine meanwhile) of one command."""
+    busy, start = busy_core_seconds(), time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return time.perf_counter() - start
+    wall, busy_after = time.perf_counter() - start, busy_core_seconds()
+    return wall, None if busy is None or busy_after is None else busy_after - busy
+
+
+def load(wall: float, busy: float | None) -> str:
+    cores = os.cpu_count() or 1
+    return "" if busy is None else f"   cores busy {100 * busy / (wall * cores):3.0f}% ({busy:5.1f} core-s)"
 
 
 def sweep_ratio(work: Path, env: dict[str, str], space_document: dict) -> None:
     space = work / f"{space_document['name']}.yaml"
     space.write_text(yaml.safe_dump(space_document))
-    singles, single_timings = 0.0, []
+    singles, singles_busy, single_timings = 0.0, 0.0, []
     for gate_k in GRID["gate_k"]:
         for k in GRID["k"]:
             report = work / f"single_{gate_k}_{k}.json"
-            singles += timed_command([sys.executable, "-m", "smile_ray.run", "--no-svd-cache",      # all CPUs
-                                      "--config", str(space), "--set", f"method.gate_k={gate_k}",
-                                      "--set", f"method.k={k}",
-                                      "--report", str(report)], env)
+            wall, busy = timed_command([sys.executable, "-m", "smile_ray.run", "--no-svd-cache",    # all CPUs
+                                        "--config", str(space), "--set", f"method.gate_k={gate_k}",
+                                        "--set", f"method.k={k}", "--report", str(report)], env)
+            singles += wall
+            singles_busy = None if busy is None or singles_busy is None else singles_busy + busy
             single_timings.append(json.loads(report.read_text())["timings"])
     shutil.rmtree(work / "sweep", ignore_errors=True)       # a fresh sweep: its SVD cache starts empty
-    sweep = timed_command([sys.executable, "-m", "smile_ray.tune", "--space", str(space),
-                           "--output", str(work / "sweep")], env)
+    sweep, sweep_busy = timed_command([sys.executable, "-m", "smile_ray.tune", "--space", str(space),
+                                       "--output", str(work / "sweep")], env)
     summary = json.loads((work / "sweep" / "summary.json").read_text())
     trials = summary["trials"]
-    imports = timed_command([sys.executable, "-c", "import smile_ray.trial"], env)
+    imports, _ = timed_command([sys.executable, "-c", "import smile_ray.trial"], env)
     print(f"1. 12 SMILE configurations on {space_document['name']} (wall time, whole commands):")
-    print(f"   12 × python -m smile_ray.run --no-svd-cache (serial)  {singles:7.1f} s")
-    print(f"   python -m smile_ray.tune (one sweep)                 {sweep:7.1f} s   "
-          f"ratio {sweep / singles:.2f} (target ≤ 0.33)")
+    print(f"   12 × python -m smile_ray.run --no-svd-cache (serial)  {singles:7.1f} s{load(singles, singles_busy)}")
+    print(f"   python -m smile_ray.tune (one sweep)                 {sweep:7.1f} s{load(sweep, sweep_busy)}")
+    print(f"   ratio {sweep / singles:.2f} (target ≤ 0.33)")
     print("   where the time goes:")
     for name, timings in (("serial runs", single_timings),
                           ("sweep trials", [{k.removeprefix("timings/"): v for k, v in t["metrics"].items()
