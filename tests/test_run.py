@@ -1,5 +1,7 @@
 """One configuration end to end: run_trial and `python -m smile_ray.run` on the tiny embedded benchmark."""
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -75,13 +77,20 @@ def test_generic_clip_pool_config_on_local_directories(tiny_bench, tiny_config):
 def test_cli_writes_report_and_model(tiny_config, tmp_path, capsys):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(tiny_config))
-    code = main(["--config", str(config_file), "--set", "method.gate_k=2", "--report", str(tmp_path / "r.json"),
-                 "--save-model", str(tmp_path / "m"), "--svd-cache", str(tmp_path / "svd"), "--threads", "1"])
+    umask = os.umask(0o027)            # the written files get the modes of a plain open()/mkdir under the umask
+    try:
+        code = main(["--config", str(config_file), "--set", "method.gate_k=2", "--report", str(tmp_path / "r.json"),
+                     "--save-model", str(tmp_path / "m"), "--svd-cache", str(tmp_path / "svd"), "--threads", "1"])
+    finally:
+        os.umask(umask)
     out = capsys.readouterr().out
     assert code == 0 and "average" in out and "parameters:" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report) >= {"model_info", "average", "digit"} and set(report["digit"]) == {"accuracy", "loss"}
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "smile_layers.json").exists()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "r.json", tmp_path / "m",
+                                                              *(tmp_path / "m").iterdir()]}
+    assert modes == {"r.json": 0o640, "m": 0o750, **{p.name: 0o640 for p in (tmp_path / "m").iterdir()}}
 
 
 @pytest.mark.parametrize("args, message", [

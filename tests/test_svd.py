@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from smile_ray.report import default_file_mode
 from smile_ray.smile.svd import SvdCache, truncated_svd
 
 
@@ -42,3 +43,5 @@ def test_cache_slices_smaller_ranks_and_refuses_larger(tmp_path):
     cache.put("abc", truncated_svd(torch.randn(12, 10), 10))         # complete factors answer every rank
     assert cache.get("abc", 9).rank == 9
     assert not list(tmp_path.rglob("*.tmp"))
+    entries = [path for path in tmp_path.rglob("*") if path.is_file()]        # readable by a sweep's other nodes
+    assert entries and all(path.stat().st_mode & 0o777 == default_file_mode() for path in entries)

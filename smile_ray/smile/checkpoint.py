@@ -22,6 +22,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from smile_ray.errors import SmileError
+from smile_ray.report import default_dir_mode, default_file_mode
 from smile_ray.smile.layer import SmileLinear
 
 LAYOUT_FILE = "smile_layers.json"
@@ -68,12 +69,24 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
         else:
             transformers.utils.logging.disable_progress_bar()
             model.save_pretrained(tmp, safe_serialization=True)
+        _default_permissions(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _default_permissions(tree: Path) -> None:
+    """Give `tree` and everything in it the modes of a plain mkdir / open(..., "w") under the current umask:
+    mkdtemp makes the directory 0o700 and safetensors writes its file 0o600, unreadable to the other users of a
+    shared filesystem."""
+    file_mode, dir_mode = default_file_mode(), default_dir_mode()
+    for root, dirs, files in os.walk(tree):
+        os.chmod(root, dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
 
 
 def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:

@@ -22,6 +22,8 @@ import torch
 import xxhash
 from safetensors.torch import load_file, save_file
 
+from smile_ray.report import default_file_mode
+
 _counter_lock = threading.Lock()
 _svd_calls = 0
 
@@ -139,6 +141,7 @@ class SvdCache:
         try:
             save_file({"u": factors.u.contiguous(), "s": factors.s.contiguous(), "v": factors.v.contiguous(),
                        "complete": torch.tensor([factors.complete])}, tmp)
+            os.chmod(tmp, default_file_mode())        # shared by the sweep's nodes: not mkstemp's owner-only mode
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
