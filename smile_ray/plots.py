@@ -127,14 +127,29 @@ def plot_task_bars(tasks: Sequence[str], series: Mapping[str, Mapping[str, float
 
 def best_point(points: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> Mapping[str, Any] | None:
     """The point with the best finite `metric`; points that carry a full report win over those that do not
-    (a trial stopped early reports a running average over fewer tasks)."""
+    (a trial stopped early reports a running average over fewer tasks).
+
+    Ties (values equal up to TIE_REL_TOL, so that averages summed in another order still tie) go to the point with
+    the fewest `model_info/extra_params` (a point without a finite count loses to any that has one), then to the
+    smallest trial_id: the choice does not depend on the order of `points`, so a restored sweep picks the same one.
+    The one rule for summary.json's and MLflow's best trial.
+    """
     scored = [p for p in points if _finite(p["metrics"].get(metric))]
-    complete = [p for p in scored if p.get("report")]
-    best = None
-    for point in complete or scored:
-        if best is None or _better(point["metrics"][metric], best["metrics"][metric], mode):
-            best = point
-    return best
+    candidates = [p for p in scored if p.get("report")] or scored
+    if not candidates:
+        return None
+    values = [p["metrics"][metric] for p in candidates]
+    top = max(values) if mode == "max" else min(values)
+    tied = [p for p in candidates if math.isclose(p["metrics"][metric], top, rel_tol=TIE_REL_TOL, abs_tol=0.0)]
+    return min(tied, key=_tie_key)
+
+
+TIE_REL_TOL = 1e-9
+
+
+def _tie_key(point: Mapping[str, Any]) -> tuple[bool, float, str]:
+    extra = point["metrics"].get("model_info/extra_params")
+    return (not _finite(extra), extra if _finite(extra) else 0.0, str(point.get("trial_id", "")))
 
 
 def _task_accuracies(point: Mapping[str, Any], metric: str) -> dict[str, float]:

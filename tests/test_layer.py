@@ -142,6 +142,21 @@ def test_ranks_above_layer_size_are_clamped_with_a_warning():
         upscale(base, experts, gate_k=2, k=3)
 
 
+@pytest.mark.parametrize("gate_k, k, named", [
+    (1000, 5, "gate_k=1000 exceeds"),      # k=5 fits both layers (10×12, 7×10): not named
+    (5, 1000, "k=1000 exceeds"),
+    (9, 3, "gate_k=9 exceeds"),            # above the 7×10 layer only
+    (50, 40, "gate_k=50, k=40 exceed"),
+])
+def test_clamp_warning_names_only_the_ranks_that_exceed(gate_k, k, named):
+    base, experts = make_pool(2)
+    with pytest.warns(UserWarning) as record:
+        upscale(base, experts, gate_k=gate_k, k=k)
+    [message] = [str(w.message) for w in record if "min(in, out)" in str(w.message)]
+    assert message.startswith(f"{named} min(in, out) of ")
+    assert "clamped to the layer's full rank" in message
+
+
 def test_input_shape_is_kept_and_batched_dispatch_handles_imbalance():
     base, experts = make_pool(4)
     model = upscale(base, experts, gate_k=2, k=3, top_k=2)

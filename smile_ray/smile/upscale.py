@@ -135,7 +135,11 @@ def upscale(base: nn.Module, experts: Experts, *, gate_k: int, k: int, top_k: in
             average_non_linear(model, list(experts.values()))
 
     if info.clamped_layers:
-        warnings.warn(f"gate_k={gate_k}, k={k} exceed min(in, out) of {len(info.clamped_layers)} layer(s) "
+        # name only the rank(s) above some clamped layer's full rank: k=32 does not exceed a 128-wide layer
+        smallest = min(min(base.get_submodule(name).weight.shape) for name in info.clamped_layers)
+        over = [f"{label}={value}" for label, value in (("gate_k", gate_k), ("k", k)) if value > smallest]
+        warnings.warn(f"{', '.join(over)} {'exceeds' if len(over) == 1 else 'exceed'} min(in, out) of "
+                      f"{len(info.clamped_layers)} layer(s) "
                       f"(first: {info.clamped_layers[0]}); clamped to the layer's full rank", stacklevel=2)
     info.count_svds(decomposer.stats)
     model.smile_info = info
