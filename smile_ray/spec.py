@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,24 @@ def _path(steps: Sequence[str | int]) -> str:
     return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
 
 
+def first_difference(a: Any, b: Any, steps: Sequence[str | int] = ()) -> str | None:
+    """The key path (`method[3].gate_k`) of the first place where two documents differ; None when they are equal."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in [*a, *(k for k in b if k not in a)]:
+            found = (_path([*steps, key]) if key not in a or key not in b
+                     else first_difference(a[key], b[key], [*steps, key]))
+            if found is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, [*steps, i])
+            if found is not None:
+                return found
+        return None
+    return None if a == b else _path(steps) or "the whole document"
+
+
 def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of `config` with each `a.b.c=VALUE` set (VALUE parsed as YAML: 16, [4, 16], true, text); `a[i]`
     names entry i of a list, e.g. one block of a list of methods: `method[3].gate_k=[4, 8]`."""
@@ -98,7 +119,18 @@ def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict
 # Search spaces
 # ---------------------------------------------------------------------------------------------------------------
 
-SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def _shipped_spaces_dir() -> Path:
+    """The folder of the shipped spaces: the package smile_ray.search_spaces (the top-level search_spaces/ mapped in
+    pyproject.toml); a checkout used without installing, or an editable install made before that mapping, lacks the
+    package, and then the folder next to smile_ray/ is used."""
+    try:
+        return Path(str(resources.files("smile_ray.search_spaces")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+SEARCH_SPACES_DIR = _shipped_spaces_dir()
 TOP_LEVEL = ("name", "description", "model_pool", "task_pool", "method", "search", "resources", "tracking")
 DISTRIBUTIONS = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}
 SEARCH_FIELDS = {"algorithm": ("grid", "random", "optuna"), "num_samples": 1, "metric": "average/accuracy",
@@ -111,17 +143,22 @@ TASK_POOL_FIELDS = {"embedded": ("kind", "tasks", "batch_size", "num_workers", "
 
 
 def resolve_space_path(space: str | Path) -> Path:
-    """A space file: the path as given, else `NAME` or `NAME.yaml` in ./search_spaces or the shipped search_spaces/."""
-    candidates = [Path(space)]
-    if not Path(space).suffix:
-        candidates.append(Path(f"{space}.yaml"))
-    for folder in (Path("search_spaces"), SEARCH_SPACES_DIR):
-        candidates += [folder / c.name for c in list(candidates[:2])]
+    """A space file. A path with a directory part (`./embedded.yaml`, `/x/s.yaml`) is taken as given; a bare name
+    (`clip_b32` or `clip_b32.yaml`) is the shipped space of that name, even if a same-named file lies in the current
+    directory; a bare name that is not shipped is looked for in the current directory, then in ./search_spaces."""
+    text = str(space)
+    shipped = ", ".join(sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml")))
+    if any(sep and sep in text for sep in (os.sep, os.altsep)):
+        if Path(text).is_file():
+            return Path(text)
+        raise SmileError(f"--space {space}: no such file (a shipped space is named without a folder: {shipped})")
+    names = [text] if text.endswith((".yaml", ".yml")) else [text, f"{text}.yaml"]
+    candidates = [SEARCH_SPACES_DIR / n for n in names if n.endswith(".yaml")]
+    candidates += [Path(n) for n in names] + [Path("search_spaces", n) for n in names]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    shipped = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
-    raise SmileError(f"--space {space}: no such file, nor a space in search_spaces/ (shipped: {', '.join(shipped)})")
+    raise SmileError(f"--space {space}: no such file, nor a space in search_spaces/ (shipped: {shipped})")
 
 
 @dataclass(frozen=True)
@@ -169,6 +206,15 @@ class SweepSpec:
             for values in itertools.product(*(block[k].args for k in keys)):
                 points.append({**block, **dict(zip(keys, values))})
         return points
+
+    def trial_count(self) -> int:
+        """How many trials Tune runs: every grid point, times num_samples draws of what is sampled (optuna draws
+        num_samples configurations, grids included)."""
+        samples = self.search["num_samples"]
+        if self.search["algorithm"] == "optuna" or len(self.methods) > 1:
+            return samples if self.search["algorithm"] == "optuna" else len(self.grid_points()) * samples
+        return math.prod(len(v.args) for v in self.methods[0].values()
+                         if isinstance(v, Sampled) and v.kind == "grid") * samples
 
     def single_point(self) -> dict[str, Any]:
         """The method configuration of a space that searches nothing: what `python -m smile_ray.run` runs."""
@@ -407,19 +453,50 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
         raise _fail("search.algorithm", "grid search cannot sample choices or distributions; use random or optuna")
     if search["algorithm"] == "optuna" and len(methods) > 1:
         raise _fail("search.algorithm", "optuna searches a single method block")
-    if spec.model_pool["kind"] == "clip_vision":
-        num_experts = len(spec.model_pool["experts"])
-    else:
-        from smile_ray.embedded import TASKS
-
-        num_experts = len(TASKS)
+    experts = _expert_names(spec.model_pool)
     for i, block in enumerate(methods):
+        where = "method" if len(methods) == 1 else f"method[{i}]"
         top_k = block.get("top_k")
         largest = top_k.largest() if isinstance(top_k, Sampled) else top_k
-        if largest is not None and largest > num_experts:
-            where = "method" if len(methods) == 1 else f"method[{i}]"
-            raise _fail(f"{where}.top_k", f"must be at most the number of experts ({num_experts}), got {largest}")
+        if largest is not None and largest > len(experts):
+            raise _fail(f"{where}.top_k", f"must be at most the number of experts ({len(experts)}), got {largest}")
+        model = block.get("model")
+        for value in (model.args if isinstance(model, Sampled) else () if model is None else (model,)):
+            if value != "pretrained" and value not in experts:
+                raise _fail(f"{where}.model", f"unknown model {value!r}; choose 'pretrained' or one of "
+                                              f"{', '.join(experts)}")
+    _check_metric(search["metric"], _task_names(spec.task_pool))
     return spec
+
+
+def _expert_names(model_pool: Mapping[str, Any]) -> list[str]:
+    if model_pool["kind"] == "clip_vision":
+        return list(model_pool["experts"])
+    from smile_ray.embedded import TASKS
+
+    return [task.name for task in TASKS]
+
+
+def _task_names(task_pool: Mapping[str, Any]) -> list[str]:
+    """The names of the tasks a trial reports on (mappings without a name are left to the task pool's checks)."""
+    tasks = task_pool.get("tasks")
+    if tasks is None:                                    # the embedded pool's default: all its tasks
+        from smile_ray.embedded import TASKS
+
+        return [task.name for task in TASKS]
+    return [entry if isinstance(entry, str) else str(entry.get("name")) for entry in tasks]
+
+
+def _check_metric(metric: str, tasks: Sequence[str]) -> None:
+    """search.metric names something every trial reports: a task's or the average's accuracy or loss, or one of
+    the report's model_info/… or timings/… numbers."""
+    scope, _, measure = metric.partition("/")
+    if scope in ("model_info", "timings") and measure:
+        return
+    if scope in ("average", *tasks) and measure in ("accuracy", "loss"):
+        return
+    raise _fail("search.metric", f"unknown metric {metric!r}: expected average/accuracy, average/loss, "
+                                 f"<task>/accuracy or <task>/loss (tasks: {', '.join(tasks)})")
 
 
 def load_space(space: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:

@@ -1,11 +1,13 @@
 """Search spaces: parsing, validation errors naming the key path, Tune param spaces, the SVD plan."""
 import re
+from pathlib import Path
 
 import pytest
 from ray import tune
 
 from smile_ray import SmileError
-from smile_ray.spec import Sampled, apply_overrides, load_space, parse_space, resolve_space_path
+from smile_ray.spec import (SEARCH_SPACES_DIR, Sampled, apply_overrides, first_difference, load_space,
+                            parse_space, resolve_space_path)
 
 POOLS = {"model_pool": {"kind": "embedded"}, "task_pool": {"kind": "embedded"}}
 
@@ -64,11 +66,43 @@ def test_svd_plan_takes_the_largest_ranks_per_routing_variant():
     ({"name": "smile", "gate_k": 2, "k": 4}, {"search": {"mode": "best"}}, "search.mode: must be one of max, min"),
     ({"name": "smile", "gate_k": 2, "k": 4}, {"tracking": {"uri": "x"}}, "tracking.uri: unknown key"),
     ({"name": "smile", "gate_k": 2, "k": 4}, {"colour": 1}, "space.colour: unknown key"),
+    ({"name": "smile", "gate_k": 2, "k": 4}, {"search": {"metric": "avg/acc"}}, "search.metric: unknown metric"),
+    ({"name": "smile", "gate_k": 2, "k": 4}, {"search": {"metric": "sun397/accuracy"}},
+     "search.metric: unknown metric 'sun397/accuracy'"),
+    ([{"name": "simple_average"}, {"name": "individual", "model": ["digit", "digits"]}], {},
+     "method[1].model: unknown model 'digits'"),
 ])
 def test_errors_name_the_key_path(method, sections, message):
     with pytest.raises(SmileError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
         space(method, **sections)
+
+
+def test_metrics_that_trials_report_are_accepted():
+    for metric in ("average/accuracy", "average/loss", "digit/accuracy", "roman/loss", "model_info/extra_params"):
+        assert space({"name": "smile", "gate_k": 2, "k": 4}, search={"metric": metric}).search["metric"] == metric
+    subset = {**POOLS["task_pool"], "tasks": ["digit"]}
+    with pytest.raises(SmileError, match="unknown metric 'roman/accuracy'.*tasks: digit"):
+        parse_space({**POOLS, "task_pool": subset, "method": {"name": "simple_average"},
+                     "search": {"metric": "roman/accuracy"}}, "test")
+
+
+def test_trial_count_is_what_tune_will_run():
+    assert space({"name": "smile", "gate_k": [4, 16], "k": [8, 16, -1]}).trial_count() == 6
+    assert space([{"name": "simple_average"}, {"name": "smile", "gate_k": 2, "k": [4, 8]}],
+                 search={"num_samples": 2}).trial_count() == 6
+    assert space({"name": "smile", "gate_k": {"randint": [1, 33]}, "k": [8, 32]},
+                 search={"algorithm": "random", "num_samples": 5}).trial_count() == 10
+    assert space({"name": "smile", "gate_k": [4, 8], "k": 4},
+                 search={"algorithm": "optuna", "num_samples": 7}).trial_count() == 7
+
+
+def test_first_difference_names_the_key_path():
+    a = {"name": "s", "method": [{"name": "smile", "gate_k": [4, 8]}], "search": {"seed": 0}}
+    assert first_difference(a, a) is None
+    assert first_difference(a, {**a, "method": [{"name": "smile", "gate_k": [4, 16]}]}) == "method[0].gate_k[1]"
+    assert first_difference(a, {**a, "search": {}}) == "search.seed"
+    assert first_difference(a, {**a, "tracking": {"experiment": "x"}}) == "tracking"
 
 
 def test_top_k_above_the_embedded_pool_size_is_refused():
@@ -81,6 +115,51 @@ def test_shipped_spaces_resolve_by_bare_name_and_overrides_apply():
     spec = load_space("clip_b32", ["method.gate_k=[4,16]", "task_pool.max_samples=64"])
     assert len(spec.grid_points()) == 14 and spec.task_pool["max_samples"] == 64
     assert apply_overrides({"a": {"b": 1}}, ["a.c.d=[1, 2]"]) == {"a": {"b": 1, "c": {"d": [1, 2]}}}
+
+
+def test_a_bare_name_is_the_shipped_space_even_beside_a_same_named_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for stray in (tmp_path / "embedded.yaml", tmp_path / "search_spaces" / "embedded.yaml"):
+        stray.parent.mkdir(exist_ok=True)
+        stray.write_text("name: stray\n")
+    for name in ("embedded", "embedded.yaml"):
+        assert resolve_space_path(name) == SEARCH_SPACES_DIR / "embedded.yaml"
+    assert load_space("embedded").methods          # the shipped space, not the stray one-line file
+
+
+def test_a_path_is_taken_as_given_and_unshipped_names_are_looked_for_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "search_spaces").mkdir()
+    for own in ("embedded.yaml", "mine.yaml", "search_spaces/theirs.yaml"):
+        (tmp_path / own).write_text("name: own\n")
+    assert resolve_space_path("./embedded.yaml").resolve() == tmp_path / "embedded.yaml"
+    assert resolve_space_path(tmp_path / "embedded.yaml") == tmp_path / "embedded.yaml"
+    assert resolve_space_path("mine").resolve() == resolve_space_path("mine.yaml").resolve() == tmp_path / "mine.yaml"
+    assert resolve_space_path("theirs").resolve() == tmp_path / "search_spaces" / "theirs.yaml"
+
+
+def test_an_unknown_space_is_one_line_naming_space_and_the_shipped_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
+    assert {"embedded", "clip_b32"} <= set(shipped)
+    for space, message in (("nope", "--space nope: no such file, nor a space in search_spaces/ (shipped: "),
+                           ("./clip_b32.yaml", "--space ./clip_b32.yaml: no such file (a shipped space is named ")):
+        with pytest.raises(SmileError) as error:
+            resolve_space_path(space)
+        assert str(error.value).startswith(message) and "\n" not in str(error.value)
+        assert str(error.value).endswith(f"{', '.join(shipped)})")
+
+
+def test_pyproject_ships_every_package_and_the_search_spaces():
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = setuptools.find_namespace_packages(where=str(root), include=["smile_ray*"], exclude=["*__pycache__"])
+    assert sorted(config["packages"]) == sorted([*found, "smile_ray.search_spaces"])
+    assert config["package-dir"] == {"smile_ray.search_spaces": "search_spaces"}
+    assert config["package-data"]["smile_ray.search_spaces"] == ["*.yaml"]
+    assert (root / "search_spaces" / "__init__.py").is_file() and list((root / "search_spaces").glob("*.yaml"))
 
 
 def test_overrides_reach_into_a_list_of_method_blocks():
