@@ -43,6 +43,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def checked_device(name: str | None):
+    """--device as a torch.device (None: the default), or a one-line error when this machine has no such device."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SmileError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, …)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise SmileError(f"--device {name}: this machine has {count or 'no'} CUDA device{'s' * (count != 1)}")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -55,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         from smile_ray.trial import run_trial
 
         quiet_transformers()
+        device = checked_device(args.device)
+        if args.threads is not None and args.threads < 1:
+            raise SmileError(f"--threads: expected at least 1, got {args.threads}")
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
 
         def progress(task: str, metrics: dict, running: dict) -> None:
@@ -62,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{metrics['seconds']:.1f} s)", flush=True)
 
         print(f"method: {json.dumps(config.get('method'))}", flush=True)
-        report = run_trial(config, svd_cache=None if args.no_svd_cache else args.svd_cache, device=args.device,
+        report = run_trial(config, svd_cache=None if args.no_svd_cache else args.svd_cache, device=device,
                            on_task_done=progress, save_model_dir=args.save_model)
     except SmileError as error:
         print(f"error: {error}", file=sys.stderr)

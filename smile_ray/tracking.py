@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from ray import tune
 
-from smile_ray.errors import SmileError
+from smile_ray.errors import SmileError, last_line
 from smile_ray.metrics import SweepMetrics
 from smile_ray.plots import best_point, sweep_figures
 from smile_ray.report import flatten_metrics, task_names
@@ -110,9 +110,14 @@ def short_config(config: Mapping[str, Any], limit: int = 80) -> str:
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
-    """HEAD of the git checkout holding `cwd` (default: the current directory), or None."""
+    """HEAD of the git checkout holding `cwd`, or None when it is not in one (or git is missing).
+
+    The default is the directory the smile_ray package is imported from, not the current directory: the commit
+    of the code that runs, wherever the sweep is launched from (None for an install outside a checkout)."""
+    directory = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     commit = out.stdout.strip()
@@ -125,6 +130,24 @@ def ray_job_id() -> str | None:
         return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
     except Exception:  # noqa: BLE001 - a best-effort tag
         return None
+
+
+def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    """An http(s) tracking URI has a server that answers within `timeout` seconds (MLflow's client would retry for
+    minutes first); any HTTP answer counts, even an error status. Other URIs are not probed."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return                                            # it answered: authentication, a proxy, no /health route
+    except OSError as error:                              # URLError, a timeout, a refused connection
+        reason = getattr(error, "reason", None) or error
+        raise SmileError(f"MLflow tracking URI {tracking_uri}: no server answers ({reason}); start one "
+                         f"(mlflow server) or choose another --tracking-uri") from None
 
 
 def open_store(tracking_uri: str) -> None:
@@ -162,12 +185,6 @@ def _trial_error(trial: Any) -> str | None:
         except OSError:
             return None
     return None
-
-
-def last_line(text: str) -> str:
-    """The exception's own message: the last non-empty line (a Ray error's first lines name the actor)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 @dataclass(frozen=True)
@@ -262,6 +279,7 @@ class MlflowSweepCallback(tune.Callback):
         self.run_ids: dict[str, str] = {}
         self.finished: set[str] = set()
         self.resumed = False
+        self.total_trials: int | None = None          # how many trials the search will create (Tune tells setup)
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -302,6 +320,7 @@ class MlflowSweepCallback(tune.Callback):
     def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
               **info: Any) -> None:
         """Get or create the experiment; create the parent run, or reopen it after a restore."""
+        self.total_trials = total_num_samples
         if self.parent_run_id is not None and self._reopen_parent():
             return
         self.experiment_id = self._experiment_id()
@@ -468,7 +487,7 @@ class MlflowSweepCallback(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Best trial and plots on the parent; parent FINISHED, FAILED (every trial failed) or KILLED
-        (interrupted: trials left unfinished, which a restore resumes)."""
+        (interrupted: trials left unfinished or not yet created, which a restore resumes)."""
         if self.parent_run_id is None:
             return
         points = sweep_points(trials)
@@ -480,7 +499,7 @@ class MlflowSweepCallback(tune.Callback):
             if str(trial.trial_id) in self.run_ids:
                 self._guard(f"trial {trial.trial_id} end", self.client.set_terminated,
                             self.run_ids[str(trial.trial_id)], "KILLED")
-        if unfinished:
+        if unfinished or len(trials) < (self.total_trials or 0):
             status = "KILLED"
         elif trials and all(t.status == "ERROR" for t in trials):
             status = "FAILED"

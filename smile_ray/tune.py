@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smile_ray.errors import SmileError
+from smile_ray.errors import SmileError, last_line
 from smile_ray.report import write_report
-from smile_ray.spec import SweepSpec, load_space
+from smile_ray.spec import SweepSpec, apply_overrides, first_difference, load_space, parse_space
 
 if TYPE_CHECKING:   # the driver imports torch and transformers only once a sweep starts
     from smile_ray.trial import Pools
@@ -37,6 +37,7 @@ EXPERIMENT_DIR = "tune"
 SVD_CACHE_DIR = "svd_cache"
 SWEEP_FILE = "sweep.json"
 REPORTS_DIR = "reports"
+DEFAULT_SPACE = "embedded"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +250,6 @@ def _scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
 def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict[str, Any]:
     """summary.json: every trial (id, status, method config, final metrics, MLflow run) and the best one."""
     from smile_ray.plots import best_point
-    from smile_ray.tracking import last_line
 
     metric, mode = spec.search["metric"], spec.search["mode"]
     trials = []
@@ -274,13 +274,14 @@ def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
     rows = sorted(summary["trials"], key=lambda t: (t["status"] != "finished",
                                                     -(t["metrics"].get(metric) or 0) if summary["mode"] == "max"
                                                     else (t["metrics"].get(metric) or 0)))
-    lines = [f"{'#':>3}  {'method':<16}{'gate_k':>7}{'k':>6}{'top_k':>6}  {'model / space':<16}{metric:>18}"
+    lines = [f"{'#':>3}  {'method':<16}{'gate_k':>7}{'k':>6}{'top_k':>6}  {'model, space, λ':<16}{metric:>18}"
              f"{'extra params':>15}  status"]
     for rank, t in enumerate(rows[:limit], 1):
         c, m = t["config"], t["metrics"]
         k = c.get("k", "")
         k = "dense" if isinstance(k, int) and k < 0 and c.get("name") == "smile" else k
-        detail = str(c.get("model", "") or c.get("scaling", "")) + (f" {c['space']}" if "space" in c else "")
+        detail = " ".join(f"{prefix}{c[key]}" for key, prefix in (("model", ""), ("space", ""), ("scaling", "λ "))
+                          if key in c)
         score = m.get(metric)
         score = f"{100 * score:.2f}%" if isinstance(score, float) and metric.endswith("accuracy") else str(score or "")
         extra = m.get("model_info/extra_params")
@@ -292,16 +293,54 @@ def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
     return "\n".join(lines)
 
 
-def sweep_record(options: SweepOptions) -> SweepOptions:
-    """The tracking store of a sweep is fixed when it starts: `--resume` reads it from sweep.json."""
+def sweep_record(options: SweepOptions, spec: SweepSpec) -> SweepOptions:
+    """The tracking store and the space of a sweep are fixed when it starts: `--resume` reads them from sweep.json."""
     record = options.output / SWEEP_FILE
     if options.resume and record.exists():
         saved = json.loads(record.read_text())
         options.tracking_uri, options.experiment = saved["tracking_uri"], saved["experiment"]
     elif not options.resume:
-        options.output.mkdir(parents=True, exist_ok=True)
-        write_report({"tracking_uri": options.tracking_uri, "experiment": options.experiment}, record)
+        write_report({"tracking_uri": options.tracking_uri, "experiment": options.experiment,
+                      "space_name": spec.name, "space": spec.document}, record)
     return options
+
+
+def stored_space(output: Path) -> tuple[str, dict[str, Any]] | None:
+    """(name, document) of the space the sweep in `output` started with; None for no sweep (or one from a version
+    that did not record it)."""
+    record = output / SWEEP_FILE
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    return (saved["space_name"], saved["space"]) if "space" in saved else None
+
+
+def resume_space(output: Path, overrides: list[str]) -> SweepSpec | None:
+    """On `--resume` without `--space`: the space the sweep in `output` started with (then `--set`)."""
+    stored = stored_space(output)
+    return None if stored is None else parse_space(apply_overrides(stored[1], overrides), stored[0])
+
+
+def check_resumable(spec: SweepSpec, output: Path) -> None:
+    """`--resume` continues the sweep in `output` with the space it started with, or refuses (Tune would restore
+    the old trials and silently ignore what changed)."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)):
+        raise SmileError(f"--resume: no sweep to resume in {output / EXPERIMENT_DIR}")
+    stored = stored_space(output)
+    changed = None if stored is None else first_difference(stored[1], spec.document)
+    if changed is not None:
+        raise SmileError(f"--resume: the space differs at {changed} from the one the sweep in {output} started with; "
+                         f"leave out --space and --set to resume it as it was, or start a new --output")
+
+
+def create_output(output: Path) -> None:
+    """The sweep's --output directory, created and writable before anything starts."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SmileError(f"--output {output}: cannot create ({error.strerror or error})") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise SmileError(f"--output {output}: not writable")
 
 
 def load_pools(spec: SweepSpec) -> Pools:
@@ -336,10 +375,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     import ray
 
     if options.resume:
-        from ray import tune
-
-        if not tune.Tuner.can_restore(str(options.output / EXPERIMENT_DIR)):
-            raise SmileError(f"--resume: no sweep to resume in {options.output / EXPERIMENT_DIR}")
+        check_resumable(spec, options.output)
+    else:
+        create_output(options.output)
     loading = in_background(load_pools, spec)
     if not ray.is_initialized():
         ray.init(address=options.address, dashboard_host="127.0.0.1",
@@ -351,7 +389,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     prefill_tasks = start_svd_prefill(spec, pools.models, options.output / SVD_CACHE_DIR)
     pools.tasks.prepare()                                         # datasets and zero-shot heads
     options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
-    options = sweep_record(options)
+    options = sweep_record(options, spec)
     open_store(options.tracking_uri)
     prefill = ray.get(prefill_tasks)
     if prefill:
@@ -359,6 +397,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
         print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
               f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
     results = build_tuner(spec, pools, options).fit()
+    if results.num_terminated + results.num_errors < max(len(results), spec.trial_count()):
+        raise KeyboardInterrupt         # Tune stopped on Ctrl-C (SIGINT) and saved its state; --resume continues
     runs = find_sweep(options.tracking_uri, options.experiment, str(options.output))
     summary = build_summary(spec, results, runs, options)
     summary["svd_prefill"] = prefill
@@ -369,8 +409,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m smile_ray.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", default="embedded", help="a space YAML, or a name in search_spaces/ "
-                                                            "(default: embedded)")
+    parser.add_argument("--space", help="a space YAML, or a name in search_spaces/ (default: embedded; with --resume, "
+                                         "the space the sweep in --output started with)")
     parser.add_argument("--output", help="trial storage, SVD cache and summary.json (default: ./smile_runs/<space>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the space with a YAML value, e.g. --set method.gate_k=[4,16]; "
@@ -385,19 +425,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def describe(spec: SweepSpec) -> str:
+    """What --validate prints: the trial count, the SVD prefill, and every configuration (the parameters that are
+    searched or differ from the method's defaults; a sampled one shows its distribution)."""
+    from smile_ray.methods import get_method
+    from smile_ray.spec import Sampled
+
+    plan = ", ".join(f"gate_k {p['gate_k']}, k {p['k']}" + ("" if p["routing_use_diff"] else " (routing on W)")
+                     for p in spec.svd_plan()) or "none"
+    draws = f", {spec.search['num_samples']} draw(s) of" if spec.searched else ""
+    lines = [f"{spec.name}: valid; {spec.trial_count()} trials ({spec.search['algorithm']} search{draws}); "
+             f"SVD prefill: {plan}"]
+    searched = {(block["name"], key) for block in spec.methods for key, v in block.items() if isinstance(v, Sampled)}
+    for point in spec.methods if spec.searched else spec.grid_points():
+        defaults = {p.name: p.default for p in get_method(point["name"]).params}
+        shown = [f"{key}={f'{value.kind}{list(value.args)}' if isinstance(value, Sampled) else value}"
+                 for key, value in point.items()
+                 if key != "name" and ((point["name"], key) in searched or value != defaults.get(key))]
+        lines.append(f"  {point['name']:<16} {' '.join(shown)}".rstrip())
+    return "\n".join(lines)
+
+
+def sweep_space(args: argparse.Namespace) -> SweepSpec:
+    """--space; else, on --resume, the space the sweep in --output started with; else the embedded benchmark's."""
+    if args.space is None and args.resume:
+        spec = resume_space(Path(args.output or Path("smile_runs") / DEFAULT_SPACE), args.overrides)
+        if spec is not None:
+            return spec
+    return load_space(args.space or DEFAULT_SPACE, args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")          # Tune's table reporter, with our columns
+    output = None
     try:
-        spec = load_space(args.space, args.overrides)
+        spec = sweep_space(args)
         if args.validate:
-            count = "sampled" if spec.searched else f"{len(spec.grid_points())} grid points"
-            print(f"{spec.name}: valid ({count} × {spec.search['num_samples']} sample(s); "
-                  f"SVD plan {spec.svd_plan() or 'none'})")
+            print(describe(spec))
             return 0
         check_sources(spec)
         output = Path(args.output or Path("smile_runs") / spec.name).resolve()
         tracking_uri = args.tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
+        from smile_ray.tracking import check_server
+
+        check_server(tracking_uri)
         options = SweepOptions(output=output, tracking_uri=tracking_uri, address=args.address, resume=args.resume,
                                experiment=args.experiment or spec.tracking["experiment"])
         summary = run_sweep(spec, options)
@@ -405,18 +477,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: run again with --resume to continue", file=sys.stderr)
+        again = "" if output is None else f": python -m smile_ray.tune --resume --output {output}"
+        print(f"interrupted; the finished trials are kept, continue with --resume{again}", file=sys.stderr)
         return 1
     except Exception as error:   # the sweep itself could not run (Ray, storage, MLflow): one line, status 1
-        print(f"error: the sweep could not run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-              file=sys.stderr)
+        print(f"error: the sweep could not run: {type(error).__name__}: {last_line(str(error))}", file=sys.stderr)
         return 1
     print("\n" + ranked_table(summary))
     failed = sum(t["status"] == "error" for t in summary["trials"])
     print(f"\n{len(summary['trials'])} trials ({failed} failed); summary: {options.output / SUMMARY_FILE}")
     print(f"MLflow: mlflow ui --backend-store-uri {options.tracking_uri}  (experiment {options.experiment})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

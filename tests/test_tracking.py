@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import itertools
 import logging
 import pickle
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from smile_ray.plots import heatmap_cells, pareto_front, sweep_figures
+import smile_ray.tracking
+from smile_ray.plots import best_point, heatmap_cells, pareto_front, sweep_figures
 from smile_ray.report import build_report, flatten_metrics
 from smile_ray.tracking import (MlflowSweepCallback, absolute_sqlite_uri, default_artifact_location, find_sweep, flatten_config,
-                                per_task_table, result_metrics, short_config)
+                                git_commit, per_task_table, result_metrics, short_config)
 
 TASKS = ("a", "b")
 SPACE = {"method": {"name": "smile", "gate_k": {"grid_search": [1, 2]}, "k": {"grid_search": [4, -1]}}}
@@ -171,6 +174,40 @@ def test_sweep_figures_skip_plots_without_data():
     bare = [{"trial_id": "x", "config": {"method.name": "simple_average"}, "metrics": {"average/accuracy": 0.5},
              "report": None}]
     assert sweep_figures(bare) == {}
+
+
+def test_best_point_breaks_ties_by_fewer_extra_params_then_trial_id():
+    def point(trial_id: str, value: float, extra: float | None = None, report: bool = True) -> dict:
+        metrics = {"average/accuracy": value, **({} if extra is None else {"model_info/extra_params": extra})}
+        return {"trial_id": trial_id, "config": {}, "metrics": metrics, "report": {"x": 1} if report else None}
+
+    # the same average summed in another order differs in the last bit: still a tie
+    tie_a, tie_b = (0.1 + 0.2 + 0.3) / 3, (0.3 + 0.2 + 0.1) / 3
+    assert tie_a > tie_b
+    points = [point("a", tie_a, 3.51e6), point("b", tie_b, 1.05e6), point("c", tie_a),      # no count: loses
+              point("d", 0.15), point("e", 0.99, 0.0, report=False)]                          # stopped early: ignored
+    for order in itertools.permutations(points):                # the choice does not depend on the order
+        assert best_point(list(order), "average/accuracy")["trial_id"] == "b"
+    for order in itertools.permutations([point("z", 0.5, 7), point("y", 0.5, 7), point("x", 0.5)]):
+        assert best_point(list(order), "average/accuracy")["trial_id"] == "y"
+    lowest = [point("m2", 0.1, 5), point("m1", 0.1, 5), point("m0", 0.2, 1)]
+    assert best_point(lowest, "average/accuracy", mode="min")["trial_id"] == "m1"
+    assert best_point([], "average/accuracy") is None
+    assert smile_ray.tracking.best_point is best_point          # MLflow's best is summary.json's
+
+
+def test_git_commit_is_the_packages_checkout_not_the_working_directory(tmp_path, monkeypatch):
+    repo = Path(smile_ray.tracking.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("smile_ray is not imported from a git checkout")
+    monkeypatch.chdir(tmp_path)                                 # launched from outside the checkout
+    assert git_commit() == head.stdout.strip()
+    assert git_commit(tmp_path) is None
+    installed = tmp_path / "site-packages" / "smile_ray"      # an install outside any checkout
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(smile_ray.tracking, "__file__", str(installed / "tracking.py"))
+    assert git_commit() is None
 
 
 # -- the callback, driven directly -----------------------------------------------------------------------------------

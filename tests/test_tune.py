@@ -122,38 +122,55 @@ def test_failing_trial_is_retried_then_marked_failed_and_the_sweep_completes(ray
     assert MlflowClient(uri).get_run(status["broken"]["mlflow_run_id"]).info.status == "FAILED"
 
 
-def test_resume_after_killing_the_driver_reruns_no_finished_trial(ray_session, tiny_cache, tmp_path):
+def test_resume_after_ctrl_c_or_a_killed_driver_reruns_no_finished_trial(ray_session, tiny_cache, tmp_path):
     space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": [1, 2, 3, 4], "k": [2, 4]},
                         search={"max_concurrent": 1})
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    command = [sys.executable, "-m", "smile_ray.tune", "--space", str(space), "--output", str(out),
-               "--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    common = ["--output", str(out), "--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address]
+    command = [sys.executable, "-m", "smile_ray.tune", "--space", str(space), *common]
+    resume = [sys.executable, "-m", "smile_ray.tune", *common, "--resume"]      # the space stored with the sweep
 
     def finished_trials() -> dict[str, int]:
         """trial id → modification time of its saved report (written once, when the trial finishes)."""
         return {p.stem: p.stat().st_mtime_ns for p in (out / "reports").glob("*.json")}
 
-    deadline = time.time() + 240
-    while len(finished_trials()) < 2 and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.1)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    before = finished_trials()
-    assert 2 <= len(before) < 8 and not (out / "summary.json").exists()
+    def stop_after(command: list[str], trials: int, sig: int) -> subprocess.Popen:
+        driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+        deadline = time.time() + 240
+        while len(finished_trials()) < trials and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+        os.killpg(driver.pid, sig)
+        driver.wait(timeout=120)
+        return driver
 
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    interrupted = stop_after(command, 2, signal.SIGINT)               # Ctrl-C: Tune saves its state and stops
+    assert interrupted.returncode == 1 and "--resume" in interrupted.stderr.read()
+    assert 2 <= len(finished_trials()) < 8 and not (out / "summary.json").exists()
+    client = MlflowClient(uri)
+    parent, = [r for r in client.search_runs([client.get_experiment_by_name("tiny-sweep").experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
+
+    changed = subprocess.run(command + ["--resume", "--set", "method.k=[2,8]"], capture_output=True, text=True)
+    assert changed.returncode == 2 and "--resume: the space differs at method.k" in changed.stderr
+
+    stop_after(resume, len(finished_trials()) + 1, signal.SIGKILL)        # a killed driver
+    before = finished_trials()
+    assert len(before) < 8 and not (out / "summary.json").exists()
+
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["trials"]) == 8 and all(t["status"] == "finished" for t in summary["trials"])
     after = finished_trials()
     assert all(after[trial] == mtime for trial, mtime in before.items())      # finished trials were not rerun
-    client = MlflowClient(uri)
     kids = children(client, summary["mlflow"]["experiment_id"], summary["mlflow"]["parent_run_id"])
     trial_ids = sorted(r.data.tags.get("trial_id") for r in kids)
     assert trial_ids == sorted(t["trial_id"] for t in summary["trials"])       # one child per trial, no duplicates
     runs = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=1000)
     assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1       # the same parent run
+    assert client.get_run(summary["mlflow"]["parent_run_id"]).info.status == "FINISHED"
 
 
 BAD_INPUTS = [
@@ -169,12 +186,18 @@ BAD_INPUTS = [
     ("bad_set", None, ["--set", "method.gate_k"], "--set 'method.gate_k': expected KEY.PATH=VALUE"),
     ("missing_space", "none", [], "--space"),
     ("nothing_to_resume", None, ["--resume"], "--resume: no sweep to resume in"),
+    ("unknown_metric", None, ["--set", "search.metric=avg/acc"], "search.metric: unknown metric 'avg/acc'"),
+    ("unknown_model", None, ["--set", "method={name: individual, model: [digits]}"],
+     "method.model: unknown model 'digits'"),
+    ("output_under_a_file", "output_under_a_file", [], "cannot create (Not a directory)"),
+    ("tracking_server_down", None, ["--tracking-uri", "http://127.0.0.1:9"], "no server answers"),
 ]
 
 
 @pytest.mark.parametrize("kind, document, args, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(kind, document, args, message, tiny_cache, tmp_path, capsys):
     space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": [2, 4], "k": 4})
+    out = tmp_path / "out"
     if document == "none":
         space = tmp_path / "missing.yaml"
     elif document == "clip_vision_missing":
@@ -182,9 +205,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(kind, document, args, m
                 "--set", "task_pool={kind: clip_zero_shot, tasks: [mnist]}"]
     elif document == "clip_vision_hub":
         space = Path(__file__).parent.parent / "search_spaces" / "clip_b32.yaml"
+    elif document == "output_under_a_file":
+        (tmp_path / "a_file").write_text("")
+        out = tmp_path / "a_file" / "out"
     elif document is not None:
         space.write_text(document)
-    out = tmp_path / "out"
     code = main(["--space", str(space), "--output", str(out),
                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *args])
     err = capsys.readouterr().err.strip()
@@ -196,6 +221,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(kind, document, args, m
 def test_shipped_spaces_validate(space, capsys):
     assert main(["--space", space, "--validate"]) == 0
     assert "valid" in capsys.readouterr().out
+
+
+def test_validate_prints_every_trial(capsys):
+    assert main(["--validate", "--set", "method[3].gate_k=[4,8]"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("embedded: valid; 17 trials (grid search); SVD prefill: gate_k 8, k 32")
+    assert len(lines) == 18 and lines[1].split() == ["individual", "model=pretrained"]
+    assert lines[-1].split() == ["smile", "gate_k=8", "k=-1"]
 
 
 def test_clip_b32_grid_is_the_papers_77_points():
