@@ -269,6 +269,12 @@ def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict
                        "parent_run_id": runs.parent_run_id if runs else None}}
 
 
+def _status(trial: dict[str, Any]) -> str:
+    """A trial's status; one stopped early says after how many tasks (its score is their running average)."""
+    done = trial["metrics"].get("tasks_done")
+    return f"stopped after {int(done)} task(s)" if trial["status"] == "stopped" and done else trial["status"]
+
+
 def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
     metric = summary["metric"]
     rows = sorted(summary["trials"], key=lambda t: (t["status"] != "finished",
@@ -287,29 +293,34 @@ def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
         extra = m.get("model_info/extra_params")
         lines.append(f"{rank:>3}  {c.get('name', ''):<16}{str(c.get('gate_k', '')):>7}{str(k):>6}"
                      f"{str(c.get('top_k', '')):>6}  {detail:<16}{score:>18}"
-                     f"{'' if extra is None else f'{int(extra):,}':>15}  {t['status']}")
+                     f"{'' if extra is None else f'{int(extra):,}':>15}  {_status(t)}")
     if len(rows) > limit:
         lines.append(f"… {len(rows) - limit} more in summary.json")
     return "\n".join(lines)
 
 
+def read_record(output: Path) -> dict[str, Any]:
+    """sweep.json: what a sweep fixed when it started (tracking store, experiment, space) and, once its SVD prefill
+    has finished, what the prefill computed. Empty when there is none."""
+    record = output / SWEEP_FILE
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
 def sweep_record(options: SweepOptions, spec: SweepSpec) -> SweepOptions:
     """The tracking store and the space of a sweep are fixed when it starts: `--resume` reads them from sweep.json."""
-    record = options.output / SWEEP_FILE
-    if options.resume and record.exists():
-        saved = json.loads(record.read_text())
+    saved = read_record(options.output)
+    if options.resume and saved:
         options.tracking_uri, options.experiment = saved["tracking_uri"], saved["experiment"]
     elif not options.resume:
         write_report({"tracking_uri": options.tracking_uri, "experiment": options.experiment,
-                      "space_name": spec.name, "space": spec.document}, record)
+                      "space_name": spec.name, "space": spec.document}, options.output / SWEEP_FILE)
     return options
 
 
 def stored_space(output: Path) -> tuple[str, dict[str, Any]] | None:
     """(name, document) of the space the sweep in `output` started with; None for no sweep (or one from a version
     that did not record it)."""
-    record = output / SWEEP_FILE
-    saved = json.loads(record.read_text()) if record.is_file() else {}
+    saved = read_record(output)
     return (saved["space_name"], saved["space"]) if "space" in saved else None
 
 
@@ -368,7 +379,8 @@ def in_background(function: Callable[..., Any], *args: Any) -> Future:
 
 
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
-    """Prefill the SVD cache, run the sweep, write summary.json; returns the summary.
+    """Prefill the SVD cache (unless a resumed sweep's prefill had finished), run the sweep, write summary.json;
+    returns the summary.
 
     The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
     and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
@@ -386,16 +398,21 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     from smile_ray.tracking import absolute_sqlite_uri, find_sweep, open_store
 
     start = time.perf_counter()
-    prefill_tasks = start_svd_prefill(spec, pools.models, options.output / SVD_CACHE_DIR)
+    prefilled = read_record(options.output).get("svd_prefill") if options.resume else None   # done before the stop
+    if prefilled is None:
+        prefill_tasks = start_svd_prefill(spec, pools.models, options.output / SVD_CACHE_DIR)
     pools.tasks.prepare()                                         # datasets and zero-shot heads
     options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
     options = sweep_record(options, spec)
     open_store(options.tracking_uri)
-    prefill = ray.get(prefill_tasks)
-    if prefill:
-        computed = sum(p["svd_computed"] for p in prefill)
-        print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
-              f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
+    prefill = prefilled
+    if prefill is None:
+        prefill = ray.get(prefill_tasks)
+        write_report({**read_record(options.output), "svd_prefill": prefill}, options.output / SWEEP_FILE)
+        if prefill:
+            computed = sum(p["svd_computed"] for p in prefill)
+            print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
+                  f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
     results = build_tuner(spec, pools, options).fit()
     if results.num_terminated + results.num_errors < max(len(results), spec.trial_count()):
         raise KeyboardInterrupt         # Tune stopped on Ctrl-C (SIGINT) and saved its state; --resume continues

@@ -162,6 +162,8 @@ def test_resume_after_ctrl_c_or_a_killed_driver_reruns_no_finished_trial(ray_ses
     resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
+    prefill = json.loads((out / "sweep.json").read_text())["svd_prefill"]       # the first run's prefill finished:
+    assert "SVD cache:" not in resumed.stdout and summary["svd_prefill"] == prefill     # no second prefill
     assert len(summary["trials"]) == 8 and all(t["status"] == "finished" for t in summary["trials"])
     after = finished_trials()
     assert all(after[trial] == mtime for trial, mtime in before.items())      # finished trials were not rerun
@@ -229,6 +231,23 @@ def test_validate_prints_every_trial(capsys):
     assert lines[0].startswith("embedded: valid; 17 trials (grid search); SVD prefill: gate_k 8, k 32")
     assert len(lines) == 18 and lines[1].split() == ["individual", "model=pretrained"]
     assert lines[-1].split() == ["smile", "gate_k=8", "k=-1"]
+
+
+def test_ranked_table_orders_by_the_metric_and_says_what_each_row_is():
+    from smile_ray.tune import ranked_table
+
+    trials = [{"status": "stopped", "config": {"name": "smile", "gate_k": 2, "k": 4},
+               "metrics": {"average/accuracy": 0.9, "tasks_done": 3}},
+              {"status": "finished", "config": {"name": "task_arithmetic", "scaling": 0.3},
+               "metrics": {"average/accuracy": 0.5, "model_info/extra_params": 0}},
+              {"status": "finished", "config": {"name": "smile", "gate_k": 16, "k": -1, "top_k": 1},
+               "metrics": {"average/accuracy": 0.75, "model_info/extra_params": 1234567}},
+              {"status": "error", "config": {"name": "individual", "model": "digit"}, "metrics": {}}]
+    rows = ranked_table({"metric": "average/accuracy", "mode": "max", "trials": trials}).splitlines()[1:]
+    assert rows[0].split() == ["1", "smile", "16", "dense", "1", "75.00%", "1,234,567", "finished"]
+    assert rows[1].split() == ["2", "task_arithmetic", "λ", "0.3", "50.00%", "0", "finished"]
+    assert rows[2].split()[-5:] == ["90.00%", "stopped", "after", "3", "task(s)"]    # a partial running average
+    assert rows[3].split() == ["4", "individual", "digit", "error"]
 
 
 def test_clip_b32_grid_is_the_papers_77_points():
