@@ -490,11 +490,9 @@ def _task_names(task_pool: Mapping[str, Any]) -> list[str]:
 def _check_metric(metric: str, tasks: Sequence[str]) -> None:
     """search.metric names something every trial reports: a task's or the average's accuracy or loss, or one of
     the report's model_info/… or timings/… numbers."""
-    scope, _, measure = metric.partition("/")
-    if scope in ("model_info", "timings") and measure:
-        return
-    if scope in ("average", *tasks) and measure in ("accuracy", "loss"):
-        return
+    if metric.startswith(("model_info/", "timings/")) or metric in {
+            f"{scope}/{measure}" for scope in ("average", *tasks) for measure in ("accuracy", "loss")}:
+        return                                           # a task's name may itself hold a "/"
     raise _fail("search.metric", f"unknown metric {metric!r}: expected average/accuracy, average/loss, "
                                  f"<task>/accuracy or <task>/loss (tasks: {', '.join(tasks)})")
 

@@ -19,7 +19,9 @@ import os
 import re
 import subprocess
 import time
+import urllib.parse
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,13 +117,17 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     The default is the directory the smile_ray package is imported from, not the current directory: the commit
     of the code that runs, wherever the sweep is launched from (None for an install outside a checkout)."""
     directory = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
+    commands = [["git", "rev-parse", "HEAD"]]
+    if cwd is None:     # the package's own file is tracked there: an install in a venv inside another checkout is not
+        commands.append(["git", "ls-files", "--error-unmatch", Path(__file__).name])
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True,
-                             timeout=10)
+        outs = [subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=10)
+                for command in commands]
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+    commit = outs[0].stdout.strip()
+    tracked = all(out.returncode == 0 for out in outs)
+    return commit if tracked and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
 def ray_job_id() -> str | None:
@@ -134,20 +140,29 @@ def ray_job_id() -> str | None:
 
 def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
     """An http(s) tracking URI has a server that answers within `timeout` seconds (MLflow's client would retry for
-    minutes first); any HTTP answer counts, even an error status. Other URIs are not probed."""
+    minutes first). Any answer counts: an error status, a certificate this probe does not check (MLflow verifies
+    with its own settings), a proxy's page. Only a refused connection, an unknown host or a timeout is refused.
+    Other URIs are not probed."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
+    import requests
+    import urllib3
 
     try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return                                            # it answered: authentication, a proxy, no /health route
-    except OSError as error:                              # URLError, a timeout, a refused connection
-        reason = getattr(error, "reason", None) or error
-        raise SmileError(f"MLflow tracking URI {tracking_uri}: no server answers ({reason}); start one "
-                         f"(mlflow server) or choose another --tracking-uri") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout, verify=False).close()
+    except requests.exceptions.SSLError:
+        return                                            # it answered, in TLS
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
+        text = str(error)
+        reason = (f"no answer within {timeout:g} s" if isinstance(error, requests.exceptions.Timeout)
+                  else "connection refused" if "refused" in text
+                  else "unknown host" if "resolve" in text or "Name or service" in text else "cannot connect")
+        parts = urllib.parse.urlsplit(tracking_uri)
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()       # no credentials in the message
+        raise SmileError(f"MLflow tracking URI {shown}: no server answers ({reason}); start one (mlflow server) "
+                         f"or choose another --tracking-uri") from None
 
 
 def open_store(tracking_uri: str) -> None:

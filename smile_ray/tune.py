@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from smile_ray.errors import SmileError, last_line
 from smile_ray.report import write_report
 from smile_ray.spec import SweepSpec, apply_overrides, first_difference, load_space, parse_space
@@ -309,25 +311,31 @@ def read_record(output: Path) -> dict[str, Any]:
 def sweep_record(options: SweepOptions, spec: SweepSpec) -> SweepOptions:
     """The tracking store and the space of a sweep are fixed when it starts: `--resume` reads them from sweep.json."""
     saved = read_record(options.output)
-    if options.resume and saved:
+    if options.resume and "tracking_uri" in saved:
         options.tracking_uri, options.experiment = saved["tracking_uri"], saved["experiment"]
-    elif not options.resume:
+    else:                                                   # a new sweep, or one from before sweep.json existed
         write_report({"tracking_uri": options.tracking_uri, "experiment": options.experiment,
-                      "space_name": spec.name, "space": spec.document}, options.output / SWEEP_FILE)
+                      "space_name": spec.name, "space": space_text(spec)}, options.output / SWEEP_FILE)
     return options
 
 
-def stored_space(output: Path) -> tuple[str, dict[str, Any]] | None:
-    """(name, document) of the space the sweep in `output` started with; None for no sweep (or one from a version
+def space_text(spec: SweepSpec) -> str:
+    """The space as given (after --set), as YAML: what sweep.json keeps (any YAML value survives, dates and .nan
+    included) and what --resume compares."""
+    return yaml.safe_dump(spec.document, sort_keys=False)
+
+
+def stored_space(output: Path) -> tuple[str, str] | None:
+    """(name, YAML text) of the space the sweep in `output` started with; None for no sweep (or one from a version
     that did not record it)."""
     saved = read_record(output)
-    return (saved["space_name"], saved["space"]) if "space" in saved else None
+    return (saved["space_name"], saved["space"]) if isinstance(saved.get("space"), str) else None
 
 
 def resume_space(output: Path, overrides: list[str]) -> SweepSpec | None:
     """On `--resume` without `--space`: the space the sweep in `output` started with (then `--set`)."""
     stored = stored_space(output)
-    return None if stored is None else parse_space(apply_overrides(stored[1], overrides), stored[0])
+    return None if stored is None else parse_space(apply_overrides(yaml.safe_load(stored[1]), overrides), stored[0])
 
 
 def check_resumable(spec: SweepSpec, output: Path) -> None:
@@ -338,8 +346,8 @@ def check_resumable(spec: SweepSpec, output: Path) -> None:
     if not tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)):
         raise SmileError(f"--resume: no sweep to resume in {output / EXPERIMENT_DIR}")
     stored = stored_space(output)
-    changed = None if stored is None else first_difference(stored[1], spec.document)
-    if changed is not None:
+    if stored is not None and stored[1] != space_text(spec):
+        changed = first_difference(yaml.safe_load(stored[1]), spec.document) or "a value"
         raise SmileError(f"--resume: the space differs at {changed} from the one the sweep in {output} started with; "
                          f"leave out --space and --set to resume it as it was, or start a new --output")
 
@@ -486,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = args.tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
         from smile_ray.tracking import check_server
 
-        check_server(tracking_uri)
+        check_server(read_record(output).get("tracking_uri", tracking_uri) if args.resume else tracking_uri)
         options = SweepOptions(output=output, tracking_uri=tracking_uri, address=args.address, resume=args.resume,
                                experiment=args.experiment or spec.tracking["experiment"])
         summary = run_sweep(spec, options)
@@ -494,8 +502,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = "" if output is None else f": python -m smile_ray.tune --resume --output {output}"
-        print(f"interrupted; the finished trials are kept, continue with --resume{again}", file=sys.stderr)
+        from ray import tune
+
+        if output is not None and tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)):
+            print(f"interrupted; the finished trials are kept, continue with: python -m smile_ray.tune --resume "
+                  f"--output {output}", file=sys.stderr)
+        else:
+            print("interrupted before any trial started; run the same command again", file=sys.stderr)
         return 1
     except Exception as error:   # the sweep itself could not run (Ray, storage, MLflow): one line, status 1
         print(f"error: the sweep could not run: {type(error).__name__}: {last_line(str(error))}", file=sys.stderr)

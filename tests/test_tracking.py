@@ -18,8 +18,9 @@ from mlflow.exceptions import MlflowException
 import smile_ray.tracking
 from smile_ray.plots import best_point, heatmap_cells, pareto_front, sweep_figures
 from smile_ray.report import build_report, flatten_metrics
-from smile_ray.tracking import (MlflowSweepCallback, absolute_sqlite_uri, default_artifact_location, find_sweep, flatten_config,
-                                git_commit, per_task_table, result_metrics, short_config)
+from smile_ray.errors import SmileError
+from smile_ray.tracking import (MlflowSweepCallback, absolute_sqlite_uri, check_server, default_artifact_location,
+                                find_sweep, flatten_config, git_commit, per_task_table, result_metrics, short_config)
 
 TASKS = ("a", "b")
 SPACE = {"method": {"name": "smile", "gate_k": {"grid_search": [1, 2]}, "k": {"grid_search": [4, -1]}}}
@@ -397,3 +398,25 @@ def test_real_tune_run_and_restore(ray_session, tracking_uri, client, tmp_path):
     assert [m.step for m in client.get_metric_history(rerun.info.run_id, "average/accuracy")] == [1, 2]
     assert "smile_ray.error" not in rerun.data.tags
     assert rerun.data.tags["smile_ray.previous_error"] == "RuntimeError: injected failure"
+
+
+def test_check_server_refuses_only_a_tracking_server_that_does_not_answer():
+    import http.server
+    import socket
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)   # answers 404
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_server(f"http://127.0.0.1:{server.server_port}/prefix")
+        check_server(f"http://user:secret@127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as free:                     # a port nobody listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(SmileError, match="no server answers .connection refused.") as refused:
+        check_server(f"http://user:secret@127.0.0.1:{port}")
+    assert "secret" not in str(refused.value)
+    check_server("sqlite:///nowhere/mlflow.db")                 # only http(s) is probed

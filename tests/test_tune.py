@@ -233,6 +233,22 @@ def test_validate_prints_every_trial(capsys):
     assert lines[-1].split() == ["smile", "gate_k=8", "k=-1"]
 
 
+def test_the_space_is_stored_with_the_sweep_and_read_back_on_resume(tmp_path):
+    import datetime
+
+    from smile_ray.spec import parse_space
+    from smile_ray.tune import SweepOptions, resume_space, space_text, sweep_record
+
+    document = {"name": "dated", "description": datetime.date(2025, 1, 2), "model_pool": {"kind": "embedded"},
+                "task_pool": {"kind": "embedded"}, "method": {"name": "smile", "gate_k": [4, 8], "k": 4}}
+    spec = parse_space(document, "dated")
+    options = SweepOptions(output=tmp_path, tracking_uri="sqlite:///x.db", experiment="e")
+    sweep_record(options, spec)                                          # any YAML value survives (a date here)
+    stored = resume_space(tmp_path, [])
+    assert space_text(stored) == space_text(spec) and stored.grid_points() == spec.grid_points()
+    assert space_text(resume_space(tmp_path, ["method.k=8"])) != space_text(spec)
+
+
 def test_ranked_table_orders_by_the_metric_and_says_what_each_row_is():
     from smile_ray.tune import ranked_table
 
