@@ -4,11 +4,13 @@
     python -m smile_ray.tune --space clip_b32.yaml            # a shipped space (search_spaces/), or any path
     python -m smile_ray.tune --space clip_b32 --set method.gate_k=[4,16] --set task_pool.max_samples=64
     python -m smile_ray.tune --space clip_b32 --resume         # continue an interrupted sweep
+    python -m smile_ray.tune --resume --output DIR            # the same, with the space stored in DIR
 
 One sweep, in order: validate the space (before Ray starts); check that every model and dataset can be
 found; fill the SVD cache of the model pool once, for the largest rank in the space, in parallel Ray
 tasks; run the trials (each reports after every task, so ASHA can stop weak ones); write summary.json.
-Exit status: 0 done (failed trials are listed in the summary), 2 invalid input, 1 the sweep could not run.
+Exit status: 0 done (failed trials are listed in the summary), 2 invalid input, 1 the sweep could not run or
+was interrupted (Ctrl-C: `--resume` continues it).
 """
 from __future__ import annotations
 
