@@ -142,19 +142,32 @@ class SweepOptions:
 
 
 def check_sources(spec: SweepSpec) -> None:
-    """Every model of the pool and dataset of the task pool exists locally or on the Hub (one-line errors)."""
-    from smile_ray.hub import check_source
+    """Every model of the pool and dataset of the task pool exists locally or on the Hub: one line naming the first
+    that does not, and how many more are missing (every missing directory is counted; the Hub is asked until its
+    first refusal, since an unreachable Hub would make each further question wait for its timeout)."""
+    from smile_ray.hub import check_source, is_hub_id
 
-    pool = spec.model_pool
+    pool, sources = spec.model_pool, []
     if pool["kind"] == "clip_vision":
-        check_source(pool["base"], field="model_pool.base", revision=pool.get("revision"))
-        for name, source in pool["experts"].items():
-            check_source(source, field=f"model_pool.experts.{name}", revision=pool.get("revision"))
+        revision = {"revision": pool.get("revision")}
+        sources.append(("model_pool.base", pool["base"], revision))
+        sources += [(f"model_pool.experts.{name}", source, revision) for name, source in pool["experts"].items()]
     if spec.task_pool["kind"] == "clip_zero_shot":
         from smile_ray.trial import task_list
 
-        for i, task in enumerate(task_list(spec.task_pool["tasks"])):
-            check_source(task.dataset, field=f"task_pool.tasks[{i}] ({task.name})", repo_type="dataset")
+        sources += [(f"task_pool.tasks[{i}] ({task.name})", task.dataset, {"repo_type": "dataset"})
+                    for i, task in enumerate(task_list(spec.task_pool["tasks"]))]
+    problems: list[tuple[str, SmileError]] = []
+    for field, source, options in sources:
+        try:
+            check_source(source, field=field, **options)
+        except SmileError as error:
+            problems.append((field, error))
+            if is_hub_id(source) and not os.path.isdir(source):
+                break
+    if problems:
+        more = [field for field, _ in problems[1:]]
+        raise SmileError(str(problems[0][1]) + (f" (also missing: {', '.join(more)})" if more else ""))
 
 
 def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:

@@ -233,6 +233,23 @@ def test_validate_prints_every_trial(capsys):
     assert lines[-1].split() == ["smile", "gate_k=8", "k=-1"]
 
 
+def test_missing_sources_are_all_named_in_one_line(tmp_path, monkeypatch):
+    from smile_ray import SmileError
+    from smile_ray.spec import parse_space
+    from smile_ray.tune import check_sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = parse_space({"model_pool": {"kind": "clip_vision", "base": str(tmp_path),
+                                       "experts": {"a": str(tmp_path / "a"), "b": "org/b", "c": str(tmp_path / "c")}},
+                        "task_pool": {"kind": "clip_zero_shot", "tasks": ["mnist"]},
+                        "method": {"name": "simple_average"}}, "s")
+    with pytest.raises(SmileError) as missing:
+        check_sources(spec)
+    message = str(missing.value)                  # the Hub is asked until its first refusal, then no more
+    assert message.startswith("model_pool.experts.a: no such directory") and "\n" not in message
+    assert message.endswith("(also missing: model_pool.experts.b)")
+
+
 def test_the_space_is_stored_with_the_sweep_and_read_back_on_resume(tmp_path):
     import datetime
 
