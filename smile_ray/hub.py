@@ -95,10 +95,18 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+# what a local directory of each kind holds: a file that save_pretrained / save_to_disk always writes
+LOCAL_MARKERS = {"model": (("config.json",), "a save_pretrained directory"),
+                 "dataset": (("dataset_dict.json", "state.json"), "a datasets save_to_disk directory")}
+
+
 def check_source(source: str, *, field: str, repo_type: str = "model", revision: str | None = None) -> None:
     """Fail fast, before any heavy work, when `source` is neither a local directory nor fetchable from the Hub
     (or already in the local Hugging Face cache when the Hub cannot be reached)."""
     if os.path.isdir(source):
+        markers, what = LOCAL_MARKERS[repo_type]
+        if not any(os.path.isfile(os.path.join(source, name)) for name in markers):
+            raise SmileError(f"{field}: {source!r} is not {what} (no {' or '.join(markers)})")
         return
     if not is_hub_id(source):
         raise SmileError(f"{field}: no such directory {source!r}")

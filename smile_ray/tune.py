@@ -142,9 +142,9 @@ class SweepOptions:
 
 
 def check_sources(spec: SweepSpec) -> None:
-    """Every model of the pool and dataset of the task pool exists locally or on the Hub: one line naming the first
-    that does not, and how many more are missing (every missing directory is counted; the Hub is asked until its
-    first refusal, since an unreachable Hub would make each further question wait for its timeout)."""
+    """Every model of the pool and dataset of the task pool is a local directory of its kind or on the Hub: one line
+    naming the first that is not, and which others are not either (every local one is checked; the Hub is asked
+    until its first refusal, since an unreachable Hub would make each further question wait for its timeout)."""
     from smile_ray.hub import check_source, is_hub_id
 
     pool, sources = spec.model_pool, []
@@ -167,7 +167,7 @@ def check_sources(spec: SweepSpec) -> None:
                 break
     if problems:
         more = [field for field, _ in problems[1:]]
-        raise SmileError(str(problems[0][1]) + (f" (also missing: {', '.join(more)})" if more else ""))
+        raise SmileError(str(problems[0][1]) + (f" (also: {', '.join(more)})" if more else ""))
 
 
 def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:

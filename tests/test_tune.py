@@ -183,7 +183,8 @@ BAD_INPUTS = [
     ("empty_grid", None, ["--set", "method.k={grid: []}"], "method.k.grid: empty grid"),
     ("unknown_method", None, ["--set", "method.name=ties"], "method.name: unknown method 'ties'"),
     ("unknown_task", None, ["--set", "task_pool.tasks=[digit,nope]"], "task_pool.tasks[1]: unknown task 'nope'"),
-    ("missing_model", "clip_vision_missing", [], "model_pool.experts.a: no such directory"),
+    ("missing_model", "clip_vision_missing", [], "is not a save_pretrained directory (no config.json) "
+                                                 "(also: model_pool.experts.a, task_pool.tasks[0] (mnist))"),
     ("hub_id", "clip_vision_hub", [], "model_pool.base: 'openai/clip-vit-base-patch32' cannot be fetched"),
     ("bad_set", None, ["--set", "method.gate_k"], "--set 'method.gate_k': expected KEY.PATH=VALUE"),
     ("missing_space", "none", [], "--space"),
@@ -246,8 +247,8 @@ def test_missing_sources_are_all_named_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(SmileError) as missing:
         check_sources(spec)
     message = str(missing.value)                  # the Hub is asked until its first refusal, then no more
-    assert message.startswith("model_pool.experts.a: no such directory") and "\n" not in message
-    assert message.endswith("(also missing: model_pool.experts.b)")
+    assert message.startswith("model_pool.base: ") and "is not a save_pretrained directory (no config.json)" in message
+    assert message.endswith("(also: model_pool.experts.a, model_pool.experts.b)") and "\n" not in message
 
 
 def test_the_space_is_stored_with_the_sweep_and_read_back_on_resume(tmp_path):
