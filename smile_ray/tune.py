@@ -330,7 +330,8 @@ def sweep_record(options: SweepOptions, spec: SweepSpec) -> SweepOptions:
         options.tracking_uri, options.experiment = saved["tracking_uri"], saved["experiment"]
     else:                                                   # a new sweep, or one from before sweep.json existed
         write_report({"tracking_uri": options.tracking_uri, "experiment": options.experiment,
-                      "space_name": spec.name, "space": space_text(spec)}, options.output / SWEEP_FILE)
+                      "space_name": spec.name, "space": space_text(spec), "output": str(options.output)},
+                     options.output / SWEEP_FILE)
     return options
 
 
@@ -360,6 +361,10 @@ def check_resumable(spec: SweepSpec, output: Path) -> None:
 
     if not tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)):
         raise SmileError(f"--resume: no sweep to resume in {output / EXPERIMENT_DIR}")
+    started_in = read_record(output).get("output")
+    if started_in is not None and Path(started_in).resolve() != output.resolve():
+        raise SmileError(f"--resume: the sweep in {output} was started in {started_in} and copied or moved since; its "
+                         f"MLflow records and Tune state point there: resume it there")
     stored = stored_space(output)
     if stored is not None and stored[1] != space_text(spec):
         changed = first_difference(yaml.safe_load(stored[1]), spec.document) or "a value"

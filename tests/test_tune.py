@@ -154,6 +154,10 @@ def test_resume_after_ctrl_c_or_a_killed_driver_reruns_no_finished_trial(ray_ses
 
     changed = subprocess.run(command + ["--resume", "--set", "method.k=[2,8]"], capture_output=True, text=True)
     assert changed.returncode == 2 and "--resume: the space differs at method.k" in changed.stderr
+    shutil.copytree(out, tmp_path / "copy")                  # its Tune state and MLflow records point at `out`
+    copied = subprocess.run([sys.executable, "-m", "smile_ray.tune", "--output", str(tmp_path / "copy"), "--resume"],
+                            capture_output=True, text=True)
+    assert copied.returncode == 2 and f"was started in {out} and copied or moved since" in copied.stderr
 
     stop_after(resume, len(finished_trials()) + 1, signal.SIGKILL)        # a killed driver
     before = finished_trials()
