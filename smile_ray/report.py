@@ -19,6 +19,10 @@ from typing import Any
 
 RESERVED_KEYS = ("model_info", "average", "timings")
 METRICS = ("accuracy", "loss")
+# the numbers run_trial reports besides the tasks' METRICS (tests/test_run.py checks a real report against these)
+MODEL_INFO_NUMBERS = ("trainable_params", "all_params", "trainable_percentage", "active_params", "base_params",
+                      "extra_params", "ratio", "svd_calls", "svd_cache_hits")
+TIMINGS = ("load_seconds", "svd_seconds", "upscale_seconds", "eval_seconds")
 
 
 def count_parameters(model: Any) -> dict[str, int | float]:

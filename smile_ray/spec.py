@@ -288,7 +288,7 @@ def _searched_value(path: str, value: Any, param) -> Any:
         if kind not in DISTRIBUTIONS:
             raise _fail(path, f"unknown search kind {kind!r} (known: grid, choice, {', '.join(DISTRIBUTIONS)})")
         if param.kind not in (int, float) or (DISTRIBUTIONS[kind] is float and param.kind is int):
-            raise _fail(f"{path}.{kind}", f"a {kind} distribution does not fit a {param.kind.__name__} parameter")
+            raise _fail(f"{path}.{kind}", f"a {kind} distribution does not fit an {param.kind.__name__} parameter")
         if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and
                                                                 not isinstance(a, bool) for a in args)):
             raise _fail(f"{path}.{kind}", "expected [low, high]")
@@ -488,13 +488,16 @@ def _task_names(task_pool: Mapping[str, Any]) -> list[str]:
 
 
 def _check_metric(metric: str, tasks: Sequence[str]) -> None:
-    """search.metric names something every trial reports: a task's or the average's accuracy or loss, or one of
-    the report's model_info/… or timings/… numbers."""
-    if metric.startswith(("model_info/", "timings/")) or metric in {
-            f"{scope}/{measure}" for scope in ("average", *tasks) for measure in ("accuracy", "loss")}:
-        return                                           # a task's name may itself hold a "/"
-    raise _fail("search.metric", f"unknown metric {metric!r}: expected average/accuracy, average/loss, "
-                                 f"<task>/accuracy or <task>/loss (tasks: {', '.join(tasks)})")
+    """search.metric names a number every trial reports: a task's or the average's accuracy or loss, or one of the
+    report's model_info/… or timings/… numbers."""
+    from smile_ray.report import METRICS, MODEL_INFO_NUMBERS, TIMINGS
+
+    reported = {f"{scope}/{measure}" for scope in ("average", *tasks) for measure in METRICS}   # names may hold "/"
+    reported |= {f"model_info/{key}" for key in MODEL_INFO_NUMBERS} | {f"timings/{key}" for key in TIMINGS}
+    if metric not in reported:
+        raise _fail("search.metric", f"unknown metric {metric!r}: expected average/accuracy, average/loss, "
+                                     f"<task>/accuracy, <task>/loss, model_info/<count> or timings/<step>_seconds "
+                                     f"(tasks: {', '.join(tasks)})")
 
 
 def load_space(space: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:

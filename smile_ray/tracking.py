@@ -292,7 +292,8 @@ class MlflowSweepCallback(tune.Callback):
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.run_ids: dict[str, str] = {}
-        self.finished: set[str] = set()
+        self.finished: set[str] = set()             # trials whose child run is complete (report logged)
+        self.ended: set[str] = set()                # trials Tune completed or failed (not those a Ctrl-C stopped)
         self.resumed = False
         self.total_trials: int | None = None          # how many trials the search will create (Tune tells setup)
         self._client: MlflowClient | None = None
@@ -320,7 +321,7 @@ class MlflowSweepCallback(tune.Callback):
     def get_state(self) -> dict[str, Any]:
         return {"version": 1, "sweep_id": self.sweep_id, "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
-                "finished": sorted(self.finished)}
+                "finished": sorted(self.finished), "ended": sorted(self.ended)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.sweep_id = state.get("sweep_id", self.sweep_id)
@@ -328,6 +329,7 @@ class MlflowSweepCallback(tune.Callback):
         self.parent_run_id = state.get("parent_run_id")
         self.run_ids = dict(state.get("run_ids", {}))
         self.finished = set(state.get("finished", ()))
+        self.ended = set(state.get("ended", self.finished))
         self.resumed = self.parent_run_id is not None
 
     # -- experiment ------------------------------------------------------------------------------------------------
@@ -347,7 +349,7 @@ class MlflowSweepCallback(tune.Callback):
             tags["ray.job_id"] = job
         run = self.client.create_run(self.experiment_id, run_name=f"sweep {self.space_name}", tags=tags)
         self.parent_run_id = run.info.run_id
-        self.run_ids, self.finished, self.resumed = {}, set(), False
+        self.run_ids, self.finished, self.ended, self.resumed = {}, set(), set(), False
         self.client.log_dict(self.parent_run_id, _plain(self.space), "space.yaml")
 
     def _experiment_id(self) -> str:
@@ -387,9 +389,11 @@ class MlflowSweepCallback(tune.Callback):
         self._guard(f"trial {trial.trial_id} result", self._log_result, trial, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended.add(str(trial.trial_id))
         self._guard(f"trial {trial.trial_id} complete", self._complete, trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended.add(str(trial.trial_id))
         self._guard(f"trial {trial.trial_id} error", self._fail, trial)
 
     def _guard(self, what: str, hook: Callable[..., Any], *args: Any) -> None:
@@ -501,15 +505,18 @@ class MlflowSweepCallback(tune.Callback):
     # -- end -------------------------------------------------------------------------------------------------------
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """Best trial and plots on the parent; parent FINISHED, FAILED (every trial failed) or KILLED
-        (interrupted: trials left unfinished or not yet created, which a restore resumes)."""
+        """Best trial and plots on the parent, from the trials that ended; parent FINISHED, FAILED (every trial
+        failed) or KILLED (interrupted: trials left unfinished or not yet created, which a restore resumes).
+
+        Tune marks the trials a Ctrl-C stopped TERMINATED without completing them, so "ended" is what this callback
+        saw complete or fail, not the trial's status."""
         if self.parent_run_id is None:
             return
-        points = sweep_points(trials)
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        self._guard("best trial", self._log_best, points, done)
+        ended = [t for t in trials if str(t.trial_id) in self.ended or t.status == "ERROR"]
+        points = sweep_points(ended)
+        self._guard("best trial", self._log_best, points, len(ended))
         self._guard("plots", self._log_plots, points)
-        unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+        unfinished = [t for t in trials if t not in ended]
         for trial in unfinished:
             if str(trial.trial_id) in self.run_ids:
                 self._guard(f"trial {trial.trial_id} end", self.client.set_terminated,

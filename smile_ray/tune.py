@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -391,6 +392,22 @@ def load_pools(spec: SweepSpec) -> Pools:
     return build_pools(spec.pools())
 
 
+def sweep_complete(experiment: Path, trial_count: int) -> bool:
+    """Whether the experiment Tune saved in `experiment` has run all `trial_count` trials to an end (finished,
+    stopped early by the scheduler, or failed). After Ctrl-C Tune returns normally and marks the trials it stopped
+    TERMINATED in memory, but saves them as PENDING, for a restore to run again: the saved state tells."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)          # "could not fetch metrics" of trials stopped before reporting
+    try:
+        trials = ExperimentAnalysis(str(experiment)).trials
+    finally:
+        analysis_log.setLevel(level)
+    return len(trials) >= trial_count and all(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+
+
 def in_background(function: Callable[..., Any], *args: Any) -> Future:
     """Run `function(*args)` in a daemon thread; the Future gives its result or raises its error. Being a daemon,
     the thread never holds up the process: Ctrl-C or an error in the caller exits at once."""
@@ -407,8 +424,9 @@ def in_background(function: Callable[..., Any], *args: Any) -> Future:
 
 
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
-    """Prefill the SVD cache (unless a resumed sweep's prefill had finished), run the sweep, write summary.json;
-    returns the summary.
+    """Check what `--resume` continues and that every model and dataset exists (before anything is written), prefill
+    the SVD cache (unless a resumed sweep's prefill had finished), run the sweep, write summary.json; returns the
+    summary.
 
     The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
     and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
@@ -416,7 +434,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
 
     if options.resume:
         check_resumable(spec, options.output)
-    else:
+    check_sources(spec)
+    if not options.resume:
         create_output(options.output)
     loading = in_background(load_pools, spec)
     if not ray.is_initialized():
@@ -442,7 +461,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
             print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
                   f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
     results = build_tuner(spec, pools, options).fit()
-    if results.num_terminated + results.num_errors < max(len(results), spec.trial_count()):
+    if not sweep_complete(options.output / EXPERIMENT_DIR, spec.trial_count()):
         raise KeyboardInterrupt         # Tune stopped on Ctrl-C (SIGINT) and saved its state; --resume continues
     runs = find_sweep(options.tracking_uri, options.experiment, str(options.output))
     summary = build_summary(spec, results, runs, options)
@@ -478,9 +497,9 @@ def describe(spec: SweepSpec) -> str:
 
     plan = ", ".join(f"gate_k {p['gate_k']}, k {p['k']}" + ("" if p["routing_use_diff"] else " (routing on W)")
                      for p in spec.svd_plan()) or "none"
-    draws = f", {spec.search['num_samples']} draw(s) of" if spec.searched else ""
-    lines = [f"{spec.name}: valid; {spec.trial_count()} trials ({spec.search['algorithm']} search{draws}); "
-             f"SVD prefill: {plan}"]
+    count, samples = spec.trial_count(), spec.search["num_samples"]
+    lines = [f"{spec.name}: valid; {count} trial{'s' * (count != 1)} ({spec.search['algorithm']} search"
+             f"{f', num_samples {samples}' if samples != 1 else ''}); SVD prefill: {plan}"]
     searched = {(block["name"], key) for block in spec.methods for key, v in block.items() if isinstance(v, Sampled)}
     for point in spec.methods if spec.searched else spec.grid_points():
         defaults = {p.name: p.default for p in get_method(point["name"]).params}
@@ -509,7 +528,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.validate:
             print(describe(spec))
             return 0
-        check_sources(spec)
         output = Path(args.output or Path("smile_runs") / spec.name).resolve()
         tracking_uri = args.tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
         from smile_ray.tracking import check_server

@@ -53,7 +53,7 @@ def test_svd_plan_takes_the_largest_ranks_per_routing_variant():
     ({"name": "smile", "gate_k": [4, 0], "k": 4}, {}, "method.gate_k.grid[1]: must be positive"),
     ({"name": "smile", "gate_k": {"grid": []}, "k": 4}, {}, "method.gate_k.grid: empty grid"),
     ({"name": "smile", "gate_k": {"uniform": [1, 4]}, "k": 4}, {"search": {"algorithm": "random"}},
-     "method.gate_k.uniform: a uniform distribution does not fit a int parameter"),
+     "method.gate_k.uniform: a uniform distribution does not fit an int parameter"),
     ({"name": "smile", "gate_k": {"randint": [8, 2]}, "k": 4}, {"search": {"algorithm": "random"}},
      "expected low < high"),
     ({"name": "smile", "gate_k": {"choice": [2, 4]}, "k": 4}, {}, "search.algorithm: grid search cannot sample"),

@@ -310,6 +310,19 @@ def test_state_round_trip_reuses_parent_and_children(tracking_uri, client):
     assert len(per_task_table(tracking_uri, [cb.run_ids["t2"]])) == len(TASKS)
 
 
+def test_trials_a_ctrl_c_stopped_are_killed_not_ended_and_give_no_best(tracking_uri, client):
+    cb = make_callback(tracking_uri, "interrupted")
+    cb.setup()
+    trials = [FakeTrial("c1", smile(1, 4)), FakeTrial("c2", smile(2, 4))]
+    for trial in trials:
+        run_fake(cb, trial, complete=False)
+        trial.status = "TERMINATED"            # what Tune's Ctrl-C leaves in memory, with no on_trial_complete
+    cb.on_experiment_end(trials=trials)
+    parent = client.get_run(cb.parent_run_id)
+    assert parent.info.status == "KILLED" and not any(key.startswith("best/") for key in parent.data.metrics)
+    assert all(client.get_run(cb.run_ids[t.trial_id]).info.status == "KILLED" for t in trials)
+
+
 def test_parent_failed_when_every_trial_failed(tracking_uri, client, tmp_path):
     cb = make_callback(tracking_uri, "all_failed")
     cb.setup()
