@@ -392,6 +392,11 @@ def load_pools(spec: SweepSpec) -> Pools:
     return build_pools(spec.pools())
 
 
+def without_restore_hint(record: logging.LogRecord) -> bool:
+    """Tune's log filter: leave out its "Resume experiment with: Tuner.restore(…)" advice, for Python callers."""
+    return "Tuner.restore(" not in record.getMessage()
+
+
 def sweep_complete(experiment: Path, trial_count: int) -> bool:
     """Whether the experiment Tune saved in `experiment` has run all `trial_count` trials to an end (finished,
     stopped early by the scheduler, or failed). After Ctrl-C Tune returns normally and marks the trials it stopped
@@ -460,6 +465,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
             computed = sum(p["svd_computed"] for p in prefill)
             print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
                   f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
+    logging.getLogger("ray.tune.tune").addFilter(without_restore_hint)     # main prints the command to resume
     results = build_tuner(spec, pools, options).fit()
     if not sweep_complete(options.output / EXPERIMENT_DIR, spec.trial_count()):
         raise KeyboardInterrupt         # Tune stopped on Ctrl-C (SIGINT) and saved its state; --resume continues

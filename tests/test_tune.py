@@ -145,7 +145,9 @@ def test_resume_after_ctrl_c_or_a_killed_driver_reruns_no_finished_trial(ray_ses
         return driver
 
     interrupted = stop_after(command, 2, signal.SIGINT)               # Ctrl-C: Tune saves its state and stops
-    assert interrupted.returncode == 1 and "--resume" in interrupted.stderr.read()
+    said = interrupted.stderr.read()
+    assert interrupted.returncode == 1 and f"python -m smile_ray.tune --resume --output {out}" in said
+    assert "Tuner.restore(" not in said                     # Tune's advice for Python callers is left out
     assert 2 <= len(finished_trials()) < 8 and not (out / "summary.json").exists()
     client = MlflowClient(uri)
     parent, = [r for r in client.search_runs([client.get_experiment_by_name("tiny-sweep").experiment_id])
