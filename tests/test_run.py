@@ -89,7 +89,7 @@ def test_cli_writes_report_and_model(tiny_config, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report) >= {"model_info", "average", "digit"} and set(report["digit"]) == {"accuracy", "loss"}
     numbers = {key for key, value in report["model_info"].items() if isinstance(value, (int, float))}
-    assert numbers == set(MODEL_INFO_NUMBERS) and set(report["timings"]) == set(TIMINGS)    # what search.metric may name
+    assert numbers == set(MODEL_INFO_NUMBERS) and set(report["timings"]) == set(TIMINGS)   # what a metric may name
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "smile_layers.json").exists()
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "r.json", tmp_path / "m",
                                                               *(tmp_path / "m").iterdir()]}
