@@ -6,11 +6,15 @@ Without a network, `from_pretrained` / `load_dataset` retry every file with back
 - the Hub answers that the repo or revision does not exist: a `SmileError` at once;
 - the Hub cannot be reached: models fall back to the local cache (`local_files_only=True`); datasets raise,
   pointing at `HF_HUB_OFFLINE=1`, since `datasets` has no per-call cache-only switch.
+An http(s) MLflow tracking server is asked the same way (`check_server`) before a sweep starts: MLflow's client
+retries for minutes.
 """
 from __future__ import annotations
 
 import os
 import re
+import urllib.parse
+import warnings
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
@@ -124,3 +128,30 @@ def _in_local_cache(repo_id: str, repo_type: str, revision: str | None) -> bool:
     except Exception:  # any failure to resolve from the cache means "not cached"
         return False
     return True
+
+
+def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    """An http(s) tracking URI has a server that answers within `timeout` seconds (MLflow's client would retry for
+    minutes first). Any answer counts: an error status, a certificate this probe does not check (MLflow verifies
+    with its own settings), a proxy's page. Only a refused connection, an unknown host or a timeout is refused.
+    Other URIs are not probed."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+    import urllib3
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout, verify=False).close()
+    except requests.exceptions.SSLError:
+        return                                            # it answered, in TLS
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
+        text = str(error)
+        reason = (f"no answer within {timeout:g} s" if isinstance(error, requests.exceptions.Timeout)
+                  else "connection refused" if "refused" in text
+                  else "unknown host" if "resolve" in text or "Name or service" in text else "cannot connect")
+        parts = urllib.parse.urlsplit(tracking_uri)
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()       # no credentials in the message
+        raise SmileError(f"MLflow tracking URI {shown}: no server answers ({reason}); start one (mlflow server) "
+                         f"or choose another --tracking-uri") from None

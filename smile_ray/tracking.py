@@ -19,9 +19,7 @@ import os
 import re
 import subprocess
 import time
-import urllib.parse
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,33 +134,6 @@ def ray_job_id() -> str | None:
         return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
     except Exception:  # noqa: BLE001 - a best-effort tag
         return None
-
-
-def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
-    """An http(s) tracking URI has a server that answers within `timeout` seconds (MLflow's client would retry for
-    minutes first). Any answer counts: an error status, a certificate this probe does not check (MLflow verifies
-    with its own settings), a proxy's page. Only a refused connection, an unknown host or a timeout is refused.
-    Other URIs are not probed."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    import requests
-    import urllib3
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
-            requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout, verify=False).close()
-    except requests.exceptions.SSLError:
-        return                                            # it answered, in TLS
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
-        text = str(error)
-        reason = (f"no answer within {timeout:g} s" if isinstance(error, requests.exceptions.Timeout)
-                  else "connection refused" if "refused" in text
-                  else "unknown host" if "resolve" in text or "Name or service" in text else "cannot connect")
-        parts = urllib.parse.urlsplit(tracking_uri)
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()       # no credentials in the message
-        raise SmileError(f"MLflow tracking URI {shown}: no server answers ({reason}); start one (mlflow server) "
-                         f"or choose another --tracking-uri") from None
 
 
 def open_store(tracking_uri: str) -> None:

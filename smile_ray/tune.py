@@ -324,16 +324,13 @@ def read_record(output: Path) -> dict[str, Any]:
     return json.loads(record.read_text()) if record.is_file() else {}
 
 
-def sweep_record(options: SweepOptions, spec: SweepSpec) -> SweepOptions:
-    """The tracking store and the space of a sweep are fixed when it starts: `--resume` reads them from sweep.json."""
-    saved = read_record(options.output)
-    if options.resume and "tracking_uri" in saved:
-        options.tracking_uri, options.experiment = saved["tracking_uri"], saved["experiment"]
-    else:                                                   # a new sweep, or one from before sweep.json existed
-        write_report({"tracking_uri": options.tracking_uri, "experiment": options.experiment,
-                      "space_name": spec.name, "space": space_text(spec), "output": str(options.output)},
-                     options.output / SWEEP_FILE)
-    return options
+def sweep_record(options: SweepOptions, spec: SweepSpec) -> dict[str, Any]:
+    """Write sweep.json for a sweep that starts: its tracking store, experiment, space and place, which a
+    `--resume` keeps; returns what it wrote."""
+    record = {"tracking_uri": options.tracking_uri, "experiment": options.experiment, "space_name": spec.name,
+              "space": space_text(spec), "output": str(options.output)}
+    write_report(record, options.output / SWEEP_FILE)
+    return record
 
 
 def space_text(spec: SweepSpec) -> str:
@@ -342,35 +339,34 @@ def space_text(spec: SweepSpec) -> str:
     return yaml.safe_dump(spec.document, sort_keys=False)
 
 
-def stored_space(output: Path) -> tuple[str, str] | None:
-    """(name, YAML text) of the space the sweep in `output` started with; None for no sweep (or one from a version
-    that did not record it)."""
-    saved = read_record(output)
-    return (saved["space_name"], saved["space"]) if isinstance(saved.get("space"), str) else None
-
-
 def resume_space(output: Path, overrides: list[str]) -> SweepSpec | None:
-    """On `--resume` without `--space`: the space the sweep in `output` started with (then `--set`)."""
-    stored = stored_space(output)
-    return None if stored is None else parse_space(apply_overrides(yaml.safe_load(stored[1]), overrides), stored[0])
+    """On `--resume` without `--space`: the space the sweep in `output` started with (then `--set`); None for no
+    sweep there (or one from a version that did not record it)."""
+    record = read_record(output)
+    if not isinstance(record.get("space"), str):
+        return None
+    return parse_space(apply_overrides(yaml.safe_load(record["space"]), overrides), record["space_name"])
 
 
-def check_resumable(spec: SweepSpec, output: Path) -> None:
-    """`--resume` continues the sweep in `output` with the space it started with, or refuses (Tune would restore
-    the old trials and silently ignore what changed)."""
+def resumable_record(spec: SweepSpec, output: Path) -> dict[str, Any]:
+    """sweep.json of the sweep in `output`, which `--resume` continues, after checking that there is one, that it
+    was started there and with this space (else Tune would restore the old trials and silently ignore what
+    changed)."""
     from ray import tune
 
     if not tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)):
         raise SmileError(f"--resume: no sweep to resume in {output / EXPERIMENT_DIR}")
-    started_in = read_record(output).get("output")
+    record = read_record(output)
+    started_in = record.get("output")
     if started_in is not None and Path(started_in).resolve() != output.resolve():
         raise SmileError(f"--resume: the sweep in {output} was started in {started_in} and copied or moved since; its "
                          f"MLflow records and Tune state point there: resume it there")
-    stored = stored_space(output)
-    if stored is not None and stored[1] != space_text(spec):
-        changed = first_difference(yaml.safe_load(stored[1]), spec.document) or "a value"
+    stored = record.get("space")
+    if isinstance(stored, str) and stored != space_text(spec):
+        changed = first_difference(yaml.safe_load(stored), spec.document) or "a value"
         raise SmileError(f"--resume: the space differs at {changed} from the one the sweep in {output} started with; "
                          f"leave out --space and --set to resume it as it was, or start a new --output")
+    return record
 
 
 def create_output(output: Path) -> None:
@@ -437,9 +433,13 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
     import ray
 
-    if options.resume:
-        check_resumable(spec, options.output)
+    from smile_ray.hub import check_server
+
+    record = resumable_record(spec, options.output) if options.resume else {}
     check_sources(spec)
+    options.tracking_uri = record.get("tracking_uri", options.tracking_uri)    # a sweep keeps the store it began with
+    options.experiment = record.get("experiment", options.experiment)
+    check_server(options.tracking_uri)
     if not options.resume:
         create_output(options.output)
     loading = in_background(load_pools, spec)
@@ -450,17 +450,17 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     from smile_ray.tracking import absolute_sqlite_uri, find_sweep, open_store
 
     start = time.perf_counter()
-    prefilled = read_record(options.output).get("svd_prefill") if options.resume else None   # done before the stop
-    if prefilled is None:
-        prefill_tasks = start_svd_prefill(spec, pools.models, options.output / SVD_CACHE_DIR)
+    prefill = record.get("svd_prefill")                           # a resumed sweep's, if it had finished
+    prefill_tasks = None if prefill is not None else start_svd_prefill(spec, pools.models,
+                                                                       options.output / SVD_CACHE_DIR)
     pools.tasks.prepare()                                         # datasets and zero-shot heads
     options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
-    options = sweep_record(options, spec)
+    if "tracking_uri" not in record:                  # a new sweep, or one from before sweep.json recorded it
+        record = sweep_record(options, spec)
     open_store(options.tracking_uri)
-    prefill = prefilled
-    if prefill is None:
-        prefill = ray.get(prefill_tasks)
-        write_report({**read_record(options.output), "svd_prefill": prefill}, options.output / SWEEP_FILE)
+    if prefill_tasks is not None:
+        prefill = record["svd_prefill"] = ray.get(prefill_tasks)
+        write_report(record, options.output / SWEEP_FILE)
         if prefill:
             computed = sum(p["svd_computed"] for p in prefill)
             print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
@@ -536,9 +536,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         output = Path(args.output or Path("smile_runs") / spec.name).resolve()
         tracking_uri = args.tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
-        from smile_ray.tracking import check_server
-
-        check_server(read_record(output).get("tracking_uri", tracking_uri) if args.resume else tracking_uri)
         options = SweepOptions(output=output, tracking_uri=tracking_uri, address=args.address, resume=args.resume,
                                experiment=args.experiment or spec.tracking["experiment"])
         summary = run_sweep(spec, options)
@@ -562,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(summary['trials'])} trials ({failed} failed); summary: {options.output / SUMMARY_FILE}")
     print(f"MLflow: mlflow ui --backend-store-uri {options.tracking_uri}  (experiment {options.experiment})")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

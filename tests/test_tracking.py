@@ -19,8 +19,9 @@ import smile_ray.tracking
 from smile_ray.plots import best_point, heatmap_cells, pareto_front, sweep_figures
 from smile_ray.report import build_report, flatten_metrics
 from smile_ray.errors import SmileError
-from smile_ray.tracking import (MlflowSweepCallback, absolute_sqlite_uri, check_server, default_artifact_location,
-                                find_sweep, flatten_config, git_commit, per_task_table, result_metrics, short_config)
+from smile_ray.hub import check_server
+from smile_ray.tracking import (MlflowSweepCallback, absolute_sqlite_uri, default_artifact_location, find_sweep,
+                                flatten_config, git_commit, per_task_table, result_metrics, short_config)
 
 TASKS = ("a", "b")
 SPACE = {"method": {"name": "smile", "gate_k": {"grid_search": [1, 2]}, "k": {"grid_search": [4, -1]}}}
