@@ -2,6 +2,9 @@
 
 Command-line entry points catch it and print its message as a single line, exiting with status 2.
 """
+import re
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class SmileError(ValueError):
@@ -10,6 +13,13 @@ class SmileError(ValueError):
 
 def last_line(text: str) -> str:
     """The exception's own message: the last non-empty line (a Ray error's first lines name the actor, a TuneError's
-    are a traceback)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    are a traceback), without terminal colour codes."""
+    lines = [line.strip() for line in ANSI_ESCAPE.sub("", text).strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def user_message(error: BaseException) -> str:
+    """One line for the user: an error raised inside a Ray task or actor is shown as the error it raised there
+    (Ray wraps it with the remote traceback), without colour codes."""
+    cause = getattr(error, "cause", None)                      # ray.exceptions.RayTaskError / RayActorError
+    return last_line(str(cause if isinstance(cause, BaseException) else error))

@@ -10,8 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from smile_ray.errors import SmileError
+from smile_ray.errors import SmileError, user_message
 from smile_ray.report import format_task_table, write_report
+from smile_ray.sources import check_sources, configuration_sources
 from smile_ray.spec import apply_overrides, load_yaml, parse_space
 
 EMBEDDED_DEFAULT = {
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT
         spec = parse_space(apply_overrides(config, args.overrides), "run")   # the checks a sweep makes
         config = {**spec.pools(), "method": spec.single_point()}
+        check_sources(configuration_sources(spec.model_pool, spec.task_pool))
         import torch                     # the model stack loads after the checks: bad input is refused fast
 
         from smile_ray.hub import quiet_transformers
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_trial(config, svd_cache=None if args.no_svd_cache else args.svd_cache, device=device,
                            on_task_done=progress, save_model_dir=args.save_model)
     except SmileError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
     print(format_task_table(report))
     info, timings = report["model_info"], report["timings"]

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from smile_ray.errors import SmileError, last_line
+from smile_ray.errors import SmileError, user_message
 from smile_ray.report import write_report
+from smile_ray.sources import check_sources, configuration_sources
 from smile_ray.spec import SweepSpec, apply_overrides, first_difference, load_space, parse_space
 
 if TYPE_CHECKING:   # the driver imports torch and transformers only once a sweep starts
@@ -142,35 +143,6 @@ class SweepOptions:
     verbose: int = 1
 
 
-def check_sources(spec: SweepSpec) -> None:
-    """Every model of the pool and dataset of the task pool is a local directory of its kind or on the Hub: one line
-    naming the first that is not, and which others are not either (every local one is checked; the Hub is asked
-    until its first refusal, since an unreachable Hub would make each further question wait for its timeout)."""
-    from smile_ray.hub import check_source, is_hub_id
-
-    pool, sources = spec.model_pool, []
-    if pool["kind"] == "clip_vision":
-        revision = {"revision": pool.get("revision")}
-        sources.append(("model_pool.base", pool["base"], revision))
-        sources += [(f"model_pool.experts.{name}", source, revision) for name, source in pool["experts"].items()]
-    if spec.task_pool["kind"] == "clip_zero_shot":
-        from smile_ray.trial import task_list
-
-        sources += [(f"task_pool.tasks[{i}] ({task.name})", task.dataset, {"repo_type": "dataset"})
-                    for i, task in enumerate(task_list(spec.task_pool["tasks"]))]
-    problems: list[tuple[str, SmileError]] = []
-    for field, source, options in sources:
-        try:
-            check_source(source, field=field, **options)
-        except SmileError as error:
-            problems.append((field, error))
-            if is_hub_id(source) and not os.path.isdir(source):
-                break
-    if problems:
-        more = [field for field, _ in problems[1:]]
-        raise SmileError(str(problems[0][1]) + (f" (also: {', '.join(more)})" if more else ""))
-
-
 def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
     """Start filling the SVD cache for every SVD a trial of this space can slice, one Ray task per expert;
     returns the tasks' ObjectRefs (each resolves to what its task computed)."""
@@ -279,7 +251,7 @@ def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict
             "finished" if "report" in (result.metrics or {}) else "stopped")   # stopped early by the scheduler
         trials.append({"trial_id": trial_id, "status": status, "config": result.config.get("method", {}),
                        "metrics": metrics, "mlflow_run_id": runs.run_ids.get(trial_id) if runs else None,
-                       "error": None if result.error is None else last_line(str(result.error))[:500]})
+                       "error": None if result.error is None else user_message(result.error)[:500]})
     return {"space": spec.name, "metric": metric, "mode": mode, "trials": trials,
             "best": best_point([t for t in trials if t["status"] == "finished"], metric, mode),
             "mlflow": {"tracking_uri": options.tracking_uri, "experiment": options.experiment,
@@ -436,7 +408,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     from smile_ray.hub import check_server
 
     record = resumable_record(spec, options.output) if options.resume else {}
-    check_sources(spec)
+    check_sources(configuration_sources(spec.model_pool, spec.task_pool))
     options.tracking_uri = record.get("tracking_uri", options.tracking_uri)    # a sweep keeps the store it began with
     options.experiment = record.get("experiment", options.experiment)
     check_server(options.tracking_uri)
@@ -540,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                                experiment=args.experiment or spec.tracking["experiment"])
         summary = run_sweep(spec, options)
     except SmileError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         from ray import tune
@@ -552,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted before any trial started; run the same command again", file=sys.stderr)
         return 1
     except Exception as error:   # the sweep itself could not run (Ray, storage, MLflow): one line, status 1
-        print(f"error: the sweep could not run: {type(error).__name__}: {last_line(str(error))}", file=sys.stderr)
+        print(f"error: the sweep could not run: {type(error).__name__}: {user_message(error)}", file=sys.stderr)
         return 1
     print("\n" + ranked_table(summary))
     failed = sum(t["status"] == "error" for t in summary["trials"])

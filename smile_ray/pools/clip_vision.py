@@ -19,6 +19,7 @@ if TYPE_CHECKING:   # transformers is imported when a model is loaded: validatin
 
 from smile_ray.errors import SmileError
 from smile_ray.hub import load_pretrained
+from smile_ray.sources import Source
 from smile_ray.tasks.ta8 import TA8_TASK_NAMES, check_task_names
 
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
@@ -89,6 +90,13 @@ class ClipVisionPool:
     def expert_names(self) -> list[str]:
         """Expert names, in pool order."""
         return list(self.experts)
+
+    def sources(self) -> list[Source]:
+        """The base and every expert, for `smile_ray.sources.check_sources` (before anything loads)."""
+        common = {"revision": self.revision, "model_types": CLIP_MODEL_TYPES}
+        return [Source(f"{self.field_prefix}.base", self.base, role="base", **common),
+                *(Source(f"{self.field_prefix}.experts.{name}", location, role="expert", **common)
+                  for name, location in self.experts.items())]
 
     def load_base(self) -> CLIPVisionModel:
         """The pretrained vision tower, in eval mode."""
