@@ -28,6 +28,7 @@ class Param:
     default: Any = REQUIRED
     help: str = ""
     check: Callable[[Any], str | None] | None = None     # returns a complaint, or None when the value is fine
+    label: Callable[[Any], str] | None = None            # how a run name shows the value ("" or None: not shown)
 
     def validate(self, value: Any, where: str) -> Any:
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -81,6 +82,15 @@ class Method:
             resolved[param.name] = param.validate(given.get(param.name, param.default), f"{prefix}.{param.name}")
         return resolved
 
+    def describe(self, params: Mapping[str, Any]) -> str:
+        """A few words that tell this configuration from the others of a sweep: "smile gk16 k32",
+        "individual sun397", "task_arithmetic λ0.3" (MLflow run names, plot legends)."""
+        words = [self.name]
+        for param in self.params:
+            if param.label is not None and param.name in params:
+                words.append(param.label(params[param.name]))
+        return " ".join(word for word in words if word)
+
     def needed_experts(self, params: Mapping[str, Any], names: list[str]) -> list[str]:
         """The experts this configuration reads (a single model loads one, or none for 'pretrained').
 
@@ -121,24 +131,31 @@ def _projection(base, experts, *, svd_cache, device, model, **params):
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("smile", "SMILE upscaling: sparse mixture of low-rank experts from task-vector SVDs", (
-        Param("gate_k", int, REQUIRED, "router rank per expert", positive),
-        Param("k", int, REQUIRED, "expert rank; negative for dense experts", nonzero),
-        Param("top_k", int, 1, "experts per token", positive),
-        Param("routing_use_diff", bool, True, "route with the SVD of ΔW (true) or of W (false)"),
-        Param("average_experts", bool, False, "average non-linear parameters over the experts"),
-        Param("targets", list, None, "module-name patterns of the linears to upscale (default: all)", strings),
+        Param("gate_k", int, REQUIRED, "router rank per expert", positive, lambda v: f"gk{v}"),
+        Param("k", int, REQUIRED, "expert rank; negative for dense experts", nonzero,
+              lambda v: "dense" if v < 0 else f"k{v}"),
+        Param("top_k", int, 1, "experts per token", positive, lambda v: f"top{v}" if v != 1 else ""),
+        Param("routing_use_diff", bool, True, "route with the SVD of ΔW (true) or of W (false)",
+              label=lambda v: "" if v else "W-routing"),
+        Param("average_experts", bool, False, "average non-linear parameters over the experts",
+              label=lambda v: "averaged" if v else ""),
+        Param("targets", list, None, "module-name patterns of the linears to upscale (default: all)", strings,
+              lambda v: f"targets={','.join(v)}" if v else ""),
     ), _smile),
     Method("simple_average", "mean of the fine-tuned models' weights", (), _simple_average),
     Method("task_arithmetic", "θ0 + λ Σ (θᵢ − θ0)", (
-        Param("scaling", float, 0.3, "λ, the task-vector scaling"),), _task_arithmetic),
+        Param("scaling", float, 0.3, "λ, the task-vector scaling", label=lambda v: f"λ{v:g}"),), _task_arithmetic),
     Method("individual", "one model of the pool as is", (
-        Param("model", str, "pretrained", "expert name, or 'pretrained'"),), _individual, single_model=True),
+        Param("model", str, "pretrained", "expert name, or 'pretrained'", label=str),), _individual,
+        single_model=True),
     Method("projection", "singular projection merging of one fine-tuned model (Space I / II / II+III)", (
-        Param("model", str, REQUIRED, "the fine-tuned expert to project"),
+        Param("model", str, REQUIRED, "the fine-tuned expert to project", label=str),
         Param("space", str, "II+III", f"one of {', '.join(SPACES)}",
-              lambda v: None if v in SPACES else f"must be one of {', '.join(SPACES)}"),
-        Param("k", int, -1, "split rank; negative: half the singular-value mass", nonzero),
-        Param("targets", list, None, "module-name patterns of the linears to project (default: all)", strings),
+              lambda v: None if v in SPACES else f"must be one of {', '.join(SPACES)}", str),
+        Param("k", int, -1, "split rank; negative: half the singular-value mass", nonzero,
+              lambda v: f"k{v}" if v > 0 else ""),
+        Param("targets", list, None, "module-name patterns of the linears to project (default: all)", strings,
+              lambda v: f"targets={','.join(v)}" if v else ""),
     ), _projection, single_model=True),
 ]}
 
@@ -148,3 +165,9 @@ def get_method(name: Any) -> Method:
     if name not in METHODS:
         raise SmileError(f"method.name: unknown method {name!r} (known: {', '.join(METHODS)})")
     return METHODS[name]
+
+
+def describe(method: Mapping[str, Any]) -> str:
+    """`Method.describe` of a `method:` section ({"name": …, parameters}); its name alone for an unknown method."""
+    name = method.get("name")
+    return METHODS[name].describe(method) if name in METHODS else str(name or "")

@@ -56,6 +56,7 @@ TUNE_RESULT_KEYS = frozenset({
     "timesteps_total", "timesteps_since_restore", "timesteps_this_iter", "episodes_total", "episodes_this_iter",
     "report",
 })
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"   # as the MLflow UI reads
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 
 
@@ -94,19 +95,13 @@ def _param_value(value: Any) -> str:
     return str(value)[:MAX_PARAM_LENGTH]
 
 
-def short_config(config: Mapping[str, Any], limit: int = 80) -> str:
-    """A few words naming a configuration: "smile gate_k=4 k=8 top_k=1" (the method section's strings and
-    numbers; flags left out), else the same from the whole flattened config."""
-    flat = flatten_config(config)
-    method = {key[len("method."):]: value for key, value in flat.items() if key.startswith("method.")}
-    if method:
-        words = [str(method.pop("name"))] if "name" in method else []
-        entries = method.items()
-    else:
-        words, entries = [], flat.items()
-    words += [f"{key}={value}" for key, value in entries
-              if isinstance(value, (str, int, float)) and not isinstance(value, bool)]
-    return " ".join(words)[:limit]
+def run_name(config: Mapping[str, Any], trial_id: str) -> str:
+    """A child run's name: what tells its configuration from the others ("smile gk16 k32", "individual sun397";
+    `methods.describe`), or the trial id for a configuration without a method section."""
+    from smile_ray.methods import describe
+
+    method = config.get("method")
+    return (describe(method) if isinstance(method, Mapping) else "") or f"trial {trial_id}"
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
@@ -245,7 +240,8 @@ class MlflowSweepCallback(tune.Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, *, space_name: str, space: Mapping[str, Any],
                  metric: str = "average/accuracy", mode: str = "max", tags: Mapping[str, str] | None = None,
-                 artifact_location: str | None = None, sweep_id: str | None = None, strict: bool = False) -> None:
+                 artifact_location: str | None = None, sweep_id: str | None = None, strict: bool = False,
+                 replace: bool = False) -> None:
         if mode not in ("max", "min"):
             raise SmileError(f"mode: expected 'max' or 'min', got {mode!r}")
         if sweep_id is not None and re.search(r"['\"`\\]", sweep_id):
@@ -260,6 +256,7 @@ class MlflowSweepCallback(tune.Callback):
         self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri)
         self.sweep_id = sweep_id or uuid.uuid4().hex
         self.strict = strict
+        self.replace = replace                        # delete earlier runs of this sweep_id (--overwrite)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.run_ids: dict[str, str] = {}
@@ -312,6 +309,8 @@ class MlflowSweepCallback(tune.Callback):
         if self.parent_run_id is not None and self._reopen_parent():
             return
         self.experiment_id = self._experiment_id()
+        if self.replace:
+            self._delete_earlier_sweeps()
         tags = {"smile_ray.space": self.space_name, "smile_ray.sweep_id": self.sweep_id, **self.tags}
         commit, job = git_commit(), ray_job_id()
         if commit:
@@ -324,12 +323,27 @@ class MlflowSweepCallback(tune.Callback):
         self.client.log_dict(self.parent_run_id, _plain(self.space), "space.yaml")
 
     def _experiment_id(self) -> str:
+        """The experiment, created if needed, marked as model training so that the MLflow UI opens on its runs
+        (MLflow 3 opens an unmarked experiment in its GenAI traces view)."""
         found = self.client.get_experiment_by_name(self.experiment)
         if found is None:
-            return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+            return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         if found.lifecycle_stage != "active":
             raise SmileError(f"MLflow experiment {self.experiment!r} is deleted: restore it or choose another name")
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return found.experiment_id
+
+    def _delete_earlier_sweeps(self) -> None:
+        """Delete (MLflow's soft delete: `mlflow gc` purges, the UI can restore) the parent runs tagged with this
+        sweep_id and their children."""
+        parents = self.client.search_runs([self.experiment_id],
+                                          filter_string=f"tags.`smile_ray.sweep_id` = '{self.sweep_id}'")
+        for parent in parents:
+            for run_id in _children(self.client, self.experiment_id, parent.info.run_id).values():
+                self.client.delete_run(run_id)
+            self.client.delete_run(parent.info.run_id)
 
     def _reopen_parent(self) -> bool:
         try:
@@ -393,7 +407,7 @@ class MlflowSweepCallback(tune.Callback):
         method = config.get("method")
         if isinstance(method, Mapping) and "name" in method:
             tags["smile_ray.method"] = str(method["name"])
-        name = f"trial_{trial_id} {short_config(config)}".strip()
+        name = run_name(config, trial_id)
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         self.run_ids[trial_id] = run_id
         params = {}

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, keep_local_ray_on_loopback
 from smile_ray.errors import SmileError, user_message
 from smile_ray.report import write_report
 from smile_ray.sources import check_sources, configuration_sources
@@ -140,6 +142,8 @@ class SweepOptions:
     experiment: str
     address: str | None = None
     resume: bool = False
+    overwrite: bool = False
+    resource_wait_s: float | None = None     # None: DEFAULT_RESOURCE_WAIT_S on an --address cluster, 0 locally
     verbose: int = 1
 
 
@@ -214,7 +218,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     metric, mode = spec.search["metric"], spec.search["mode"]
     tracker = MlflowSweepCallback(options.tracking_uri, options.experiment, space_name=spec.name,
                                   space=spec.document, metric=metric, mode=mode, sweep_id=str(options.output),
-                                  tags={"smile_ray.output": str(options.output)})
+                                  tags={"smile_ray.output": str(options.output)}, replace=options.overwrite)
     return tune.Tuner(
         trainable,
         param_space=spec.param_space(),
@@ -341,14 +345,39 @@ def resumable_record(spec: SweepSpec, output: Path) -> dict[str, Any]:
     return record
 
 
-def create_output(output: Path) -> None:
-    """The sweep's --output directory, created and writable before anything starts."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SmileError(f"--output {output}: cannot create ({error.strerror or error})") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise SmileError(f"--output {output}: not writable")
+def check_output(output: Path) -> None:
+    """--output can be created and written, checked without creating it (nothing is written before every check
+    has passed)."""
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise SmileError(f"--output {output}: cannot create ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SmileError(f"--output {output}: not writable ({existing})")
+
+
+SWEEP_PARTS = (EXPERIMENT_DIR, REPORTS_DIR, SWEEP_FILE, SUMMARY_FILE)     # what --overwrite removes (not the cache)
+
+
+def refuse_existing_sweep(output: Path, overwrite: bool) -> None:
+    """A new sweep does not silently replace the one in --output: that one is continued with --resume, or started
+    over with --overwrite."""
+    if overwrite or not any((output / part).exists() for part in SWEEP_PARTS):
+        return
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(min((output / p).stat().st_mtime for p in SWEEP_PARTS
+                                                                 if (output / p).exists())))
+    raise SmileError(f"--output {output} holds a sweep already (started {started}): continue it with --resume, "
+                     f"start it over with --overwrite, or choose another --output")
+
+
+def clear_sweep(output: Path) -> None:
+    """--overwrite: remove the previous sweep's Tune state, reports, record and summary (the SVD cache and the
+    MLflow store stay; the previous sweep's MLflow runs are deleted when the new one starts)."""
+    for part in SWEEP_PARTS:
+        path = output / part
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def load_pools(spec: SweepSpec) -> Pools:
@@ -405,19 +434,27 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
     import ray
 
+    from smile_ray.cluster import check_trial_resources, start_ray
     from smile_ray.hub import check_server
 
     record = resumable_record(spec, options.output) if options.resume else {}
+    if not options.resume:
+        refuse_existing_sweep(options.output, options.overwrite)
     check_sources(configuration_sources(spec.model_pool, spec.task_pool))
     options.tracking_uri = record.get("tracking_uri", options.tracking_uri)    # a sweep keeps the store it began with
     options.experiment = record.get("experiment", options.experiment)
     check_server(options.tracking_uri)
-    if not options.resume:
-        create_output(options.output)
+    check_output(options.output)
     loading = in_background(load_pools, spec)
-    if not ray.is_initialized():
-        ray.init(address=options.address, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
+    dashboard = start_ray(options.address)
+    wait = options.resource_wait_s
+    check_trial_resources(spec.resources, wait_s=(DEFAULT_RESOURCE_WAIT_S if options.address else 0.0)
+                          if wait is None else wait)
+    if dashboard:
+        print(dashboard, flush=True)
+    if options.overwrite:
+        clear_sweep(options.output)
+    options.output.mkdir(parents=True, exist_ok=True)
     pools = loading.result()
     from smile_ray.tracking import absolute_sqlite_uri, find_sweep, open_store
 
@@ -457,9 +494,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the space with a YAML value, e.g. --set method.gate_k=[4,16]; "
                              "method[3].k=-1 sets entry 3 of a list")
-    parser.add_argument("--resume", action="store_true", help="continue the sweep stored in --output")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the sweep stored in --output")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in an --output that holds a sweep (its Tune state, reports and MLflow runs "
+                            "are replaced; the SVD cache is kept)")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--wait-for-resources", type=float, metavar="SECONDS",
+                        help="how long to wait for a node that fits a trial's resources to join an --address cluster "
+                             f"(default {DEFAULT_RESOURCE_WAIT_S:g}; a local Ray is checked at once)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in --output)")
     parser.add_argument("--experiment", help="MLflow experiment name (default: the space's tracking.experiment)")
@@ -500,6 +544,8 @@ def sweep_space(args: argparse.Namespace) -> SweepSpec:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")          # Tune's table reporter, with our columns
+    if args.address is None:
+        keep_local_ray_on_loopback()                           # before anything imports ray
     output = None
     try:
         spec = sweep_space(args)
@@ -509,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output or Path("smile_runs") / spec.name).resolve()
         tracking_uri = args.tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
         options = SweepOptions(output=output, tracking_uri=tracking_uri, address=args.address, resume=args.resume,
+                               overwrite=args.overwrite, resource_wait_s=args.wait_for_resources,
                                experiment=args.experiment or spec.tracking["experiment"])
         summary = run_sweep(spec, options)
     except SmileError as error:

@@ -21,7 +21,7 @@ from smile_ray.report import build_report, flatten_metrics
 from smile_ray.errors import SmileError
 from smile_ray.hub import check_server
 from smile_ray.tracking import (MlflowSweepCallback, absolute_sqlite_uri, default_artifact_location, find_sweep,
-                                flatten_config, git_commit, per_task_table, result_metrics, short_config)
+                                flatten_config, git_commit, per_task_table, result_metrics, run_name)
 
 TASKS = ("a", "b")
 SPACE = {"method": {"name": "smile", "gate_k": {"grid_search": [1, 2]}, "k": {"grid_search": [4, -1]}}}
@@ -141,7 +141,12 @@ def test_config_flattening_run_name_and_artifact_location(tmp_path):
               "seed": 0}
     assert flatten_config(config) == {"method.name": "smile", "method.gate_k": 4, "method.k": -1,
                                       "method.targets": ["mlp"], "method.average_experts": False, "seed": 0}
-    assert short_config(config) == "smile gate_k=4 k=-1"
+    assert run_name(config, "a_00001") == "smile gk4 dense targets=mlp"
+    assert run_name({"method": {"name": "smile", "gate_k": 16, "k": 32, "top_k": 2, "routing_use_diff": False}},
+                    "a_00002") == "smile gk16 k32 top2 W-routing"
+    assert run_name({"method": {"name": "individual", "model": "sun397"}}, "a_00003") == "individual sun397"
+    assert run_name({"method": {"name": "task_arithmetic", "scaling": 0.3}}, "a_00004") == "task_arithmetic λ0.3"
+    assert run_name({"seed": 0}, "a_00005") == "trial a_00005"
     assert default_artifact_location(f"sqlite:///{tmp_path}/x/mlflow.db") == (tmp_path / "x" / "mlartifacts").as_uri()
     assert default_artifact_location("http://127.0.0.1:5000") is None
     assert absolute_sqlite_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{Path('runs/mlflow.db').resolve()}"
@@ -242,7 +247,10 @@ def test_sweep_layout_in_mlflow(tracking_uri, client, tmp_path, monkeypatch):
     assert len(children) == 8 and set(cb.run_ids) == {*configs, "bad"}
     assert all(c.data.tags["mlflow.parentRunId"] == cb.parent_run_id for c in children)
     s3 = client.get_run(cb.run_ids["s3"])
-    assert s3.info.status == "FINISHED" and s3.info.run_name == "trial_s3 smile gate_k=2 k=-1 top_k=1"
+    assert s3.info.status == "FINISHED" and s3.info.run_name == "smile gk2 dense"
+    assert client.get_run(cb.run_ids["ia"]).info.run_name == "individual a"
+    experiment = client.get_experiment(cb.experiment_id)       # the UI opens on its runs, not on GenAI traces
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert s3.data.tags["trial_id"] == "s3" and s3.data.tags["smile_ray.stopped_early"] == "false"
     assert s3.data.params == {"method.name": "smile", "method.gate_k": "2", "method.k": "-1", "method.top_k": "1",
                               "task_pool.kind": "toy"}

@@ -199,13 +199,21 @@ BAD_INPUTS = [
     ("unknown_metric", None, ["--set", "search.metric=avg/acc"], "search.metric: unknown metric 'avg/acc'"),
     ("unknown_model", None, ["--set", "method={name: individual, model: [digits]}"],
      "method.model: unknown model 'digits'"),
-    ("output_under_a_file", "output_under_a_file", [], "cannot create (Not a directory)"),
+    ("output_under_a_file", "output_under_a_file", [], "a_file is not a directory)"),
+    ("output_holds_a_sweep", "output_holds_a_sweep", [], "holds a sweep already (started "),
+    ("resume_and_overwrite", None, ["--resume", "--overwrite"], "not allowed with argument"),
+    ("no_gpu_in_the_cluster", None, ["--set", "resources.gpu=1"],
+     "resources.gpu: a trial asks for 1 GPU, but no node of this Ray cluster has one (its largest node has 2 CPUs "
+     "and 0 GPUs); set resources.gpu=0 to run on CPUs"),
+    ("more_cpus_than_a_node", None, ["--set", "resources.cpu=3"],
+     "resources.cpu: a trial asks for 3 CPUs, but no node of this Ray cluster has that"),
     ("tracking_server_down", None, ["--tracking-uri", "http://127.0.0.1:9"], "no server answers"),
 ]
 
 
 @pytest.mark.parametrize("kind, document, args, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(kind, document, args, message, tiny_cache, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(kind, document, args, message, ray_session, tiny_cache,
+                                                         tmp_path, capsys):
     space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": [2, 4], "k": 4})
     out = tmp_path / "out"
     if document == "none":
@@ -218,13 +226,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(kind, document, args, m
     elif document == "output_under_a_file":
         (tmp_path / "a_file").write_text("")
         out = tmp_path / "a_file" / "out"
+    elif document == "output_holds_a_sweep":           # the same command run twice
+        out.mkdir()
+        (out / "sweep.json").write_text("{}")
     elif document is not None:
         space.write_text(document)
-    code = main(["--space", str(space), "--output", str(out),
-                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *args])
+    before = sorted(out.rglob("*")) if out.exists() else None
+    try:
+        code = main(["--space", str(space), "--output", str(out),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *args])
+    except SystemExit as exit:                          # argparse refuses a combination of flags
+        code = exit.code
     err = capsys.readouterr().err.strip()
+    if kind == "resume_and_overwrite":                  # argparse: its usage line, then the error
+        err = err.splitlines()[-1].split(": ", 1)[1]
     assert code == 2 and err.startswith("error: ") and "\n" not in err and message in err
-    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+    assert (sorted(out.rglob("*")) if out.exists() else None) == before and not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize("space", sorted(p.stem for p in (Path(__file__).parent.parent / "search_spaces").glob("*.yaml")))
