@@ -8,10 +8,12 @@ explicit choice (`ray start --head`, cluster/README.md).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +33,57 @@ def keep_local_ray_on_loopback() -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def start_ray(address: str | None) -> str | None:
-    """Connect to the cluster at `address`, or start a local Ray on loopback with token authentication (Ray's own
-    default, set explicitly so that Ray does not warn about it on every run). Returns the dashboard line to print;
-    None when this process was already connected (a caller's own `ray.init`)."""
+@contextmanager
+def ray_cluster(address: str | None) -> Iterator[str | None]:
+    """Connected to the cluster at `address`, or to a local Ray started on loopback (with Ray's default token
+    authentication, which Ray then switches on in this process's environment); yields the dashboard line to print
+    (None when this process was connected already, by a caller's own `ray.init`). A local Ray started here is shut
+    down on the way out, with every process it started (`stop_local_ray`)."""
     import ray
 
     if ray.is_initialized():
-        return None
+        yield None
+        return
     if address is None:
         keep_local_ray_on_loopback()
-        os.environ.setdefault(AUTH_MODE, "token")
-    context = ray.init(address=address, dashboard_host="127.0.0.1",
-                       runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
-    return dashboard_line(context.dashboard_url)
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_log.addFilter(said_by_the_dashboard_line)
+    try:
+        context = ray.init(address=address, dashboard_host="127.0.0.1",
+                           runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
+    finally:
+        auth_log.removeFilter(said_by_the_dashboard_line)
+    try:
+        yield dashboard_line(context.dashboard_url)
+    finally:
+        if address is None:
+            stop_local_ray()
+        else:
+            ray.shutdown()
+
+
+def stop_local_ray(grace_s: float = 5.0) -> None:
+    """`ray.shutdown()` of a Ray this process started, then the end of every process it had started that is still
+    alive `grace_s` later: the dashboard's module subprocesses have outlived a driver by minutes."""
+    import psutil
+    import ray
+
+    started = psutil.Process().children(recursive=True)
+    ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=grace_s)
+    for process in alive:
+        with suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for process in alive:
+        with suppress(psutil.Error):
+            process.kill()
+
+
+def said_by_the_dashboard_line(record: logging.LogRecord) -> bool:
+    """Ray's log filter: leave out its "Token authentication is enabled …" warning, printed on every start of a
+    local Ray; `dashboard_line` says how to get in instead."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def ray_command() -> str:

@@ -19,7 +19,12 @@ def last_line(text: str) -> str:
 
 
 def user_message(error: BaseException) -> str:
-    """One line for the user: an error raised inside a Ray task or actor is shown as the error it raised there
-    (Ray wraps it with the remote traceback), without colour codes."""
+    """One line for the user. An error raised inside a Ray task or actor is shown as the error it raised there (Ray
+    wraps it with the remote traceback); a message that holds a traceback (Tune's) by its last line; any other by its
+    first (SQLAlchemy's second line is only a link). No colour codes."""
     cause = getattr(error, "cause", None)                      # ray.exceptions.RayTaskError / RayActorError
-    return last_line(str(cause if isinstance(cause, BaseException) else error))
+    text = ANSI_ESCAPE.sub("", str(cause if isinstance(cause, BaseException) else error))
+    if "Traceback (most recent call last)" in text:
+        return last_line(text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -147,7 +147,7 @@ def _number(value: Any, scale: float, digits: int) -> str:
     return "-" if value is None else f"{float(value) * scale:.{digits}f}"
 
 
-def flatten_metrics(report: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def flatten_metrics(report: Mapping[str, Any], prefix: str = "") -> dict[str, float | int]:
     """Numeric entries under "/"-joined names: "<task>/accuracy", "average/loss", "model_info/all_params",
     "timings/svd_seconds", ... (strings such as model_info/name, and booleans, are left out)."""
     flat: dict[str, float] = {}
@@ -155,6 +155,10 @@ def flatten_metrics(report: Mapping[str, Any], prefix: str = "") -> dict[str, fl
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_metrics(value, prefix=f"{name}/"))
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, numbers.Integral):
+            flat[name] = int(value)                       # counts stay counts (Tune's table: 1741824, not 1.74e+06)
+        elif isinstance(value, numbers.Real):
             flat[name] = float(value)
     return flat

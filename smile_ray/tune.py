@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -87,6 +88,14 @@ def prefill_expert(models, expert: str | None, plan: list[dict], svd_cache: str,
     return {"expert": expert or "pretrained", "svd_computed": computed, "svd_seconds": seconds}
 
 
+def _quiet_exit_during_gc(unraisable: Any, report=sys.__unraisablehook__) -> None:
+    """A trial worker's unraisable-exception hook. Tune ends a trial's actor with SIGTERM, whose Ray handler raises
+    SystemExit; landing inside a garbage-collection callback, Python prints it as "Exception ignored in: <WeakSet…>"
+    with a traceback. The worker is exiting as asked: nothing to report. Everything else is reported as usual."""
+    if not issubclass(unraisable.exc_type, SystemExit):
+        report(unraisable)
+
+
 def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: str, sweep: str) -> None:
     """One Tune trial: merge with config["method"], evaluate task by task, report after each task.
 
@@ -103,6 +112,8 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: s
     from smile_ray.report import flatten_metrics
     from smile_ray.trial import run_trial
 
+    if sys.unraisablehook is not _quiet_exit_during_gc:
+        sys.unraisablehook = _quiet_exit_during_gc
     context = tune.get_context()
     trial_id = context.get_trial_id()
     saved = Path(reports_dir) / f"{trial_id}.json"
@@ -186,20 +197,12 @@ def _scheduler(spec: SweepSpec, num_tasks: int):
     return ASHAScheduler(time_attr="training_iteration", max_t=num_tasks + 1, grace_period=1, reduction_factor=2)
 
 
-def _reporter(spec: SweepSpec):
-    """Tune's live table: method, its searched parameters, the running metric, tasks done, extra parameters.
-
-    Method parameters are shown from each trial's config ("config/method/…" result columns), so trials of
-    methods without, say, gate_k show a blank instead of breaking the table.
-    """
-    from ray.tune import CLIReporter
+def _reporter(spec: SweepSpec, output: Path):
+    """Tune's live table: method, its searched parameters, the running metric, tasks done, extra parameters."""
+    from smile_ray.progress import SweepReporter
 
     params = [p for p in ("gate_k", "k", "top_k", "model", "scaling", "space") if any(p in b for b in spec.methods)]
-    columns = {f"config/method/{p}": p for p in params}
-    columns.update({spec.search["metric"]: spec.search["metric"], "tasks_done": "tasks",
-                    "model_info/extra_params": "extra params"})
-    return CLIReporter(parameter_columns={"method/name": "method"}, metric_columns=columns, max_report_frequency=15,
-                       sort_by_metric=True)
+    return SweepReporter(spec.search["metric"], params, output)
 
 
 def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
@@ -230,7 +233,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
         run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=str(options.output),
                                   failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
                                   callbacks=[tracker, MetricsCallback(spec.name, metric, mode, final_key="report")],
-                                  progress_reporter=_reporter(spec), verbose=options.verbose),
+                                  progress_reporter=_reporter(spec, options.output), verbose=options.verbose),
     )
 
 
@@ -426,15 +429,13 @@ def in_background(function: Callable[..., Any], *args: Any) -> Future:
 
 
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
-    """Check what `--resume` continues and that every model and dataset exists (before anything is written), prefill
-    the SVD cache (unless a resumed sweep's prefill had finished), run the sweep, write summary.json; returns the
-    summary.
+    """Check what `--resume` continues, that every model and dataset exists and that the cluster can hold a trial
+    (before anything is written), prefill the SVD cache (unless a resumed sweep's prefill had finished), run the
+    sweep, write summary.json; returns the summary.
 
     The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
     and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
-    import ray
-
-    from smile_ray.cluster import check_trial_resources, start_ray
+    from smile_ray.cluster import check_trial_resources, ray_cluster
     from smile_ray.hub import check_server
 
     record = resumable_record(spec, options.output) if options.resume else {}
@@ -446,16 +447,22 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     check_server(options.tracking_uri)
     check_output(options.output)
     loading = in_background(load_pools, spec)
-    dashboard = start_ray(options.address)
-    wait = options.resource_wait_s
-    check_trial_resources(spec.resources, wait_s=(DEFAULT_RESOURCE_WAIT_S if options.address else 0.0)
-                          if wait is None else wait)
-    if dashboard:
-        print(dashboard, flush=True)
-    if options.overwrite:
-        clear_sweep(options.output)
-    options.output.mkdir(parents=True, exist_ok=True)
-    pools = loading.result()
+    with ray_cluster(options.address) as dashboard:
+        wait = options.resource_wait_s
+        check_trial_resources(spec.resources, wait_s=(DEFAULT_RESOURCE_WAIT_S if options.address else 0.0)
+                              if wait is None else wait)
+        if dashboard:
+            print(dashboard, flush=True)
+        if options.overwrite:
+            clear_sweep(options.output)
+        options.output.mkdir(parents=True, exist_ok=True)
+        return sweep_on_cluster(spec, options, record, loading.result())
+
+
+def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, Any], pools: Pools) -> dict[str, Any]:
+    """The sweep once every check has passed: SVD prefill, the Tuner, summary.json."""
+    import ray
+
     from smile_ray.tracking import absolute_sqlite_uri, find_sweep, open_store
 
     start = time.perf_counter()
@@ -541,6 +548,17 @@ def sweep_space(args: argparse.Namespace) -> SweepSpec:
     return load_space(args.space or DEFAULT_SPACE, args.overrides)
 
 
+def mlflow_hint(tracking_uri: str, experiment: str) -> str:
+    """How to open the sweep in the MLflow UI, as a command that works when pasted (this environment's mlflow,
+    which a venv need not have put on PATH)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: {tracking_uri}  (experiment {experiment})"
+    beside = Path(sys.executable).parent / "mlflow"
+    command = shlex.quote(str(beside)) if beside.is_file() else f"{shlex.quote(sys.executable)} -m mlflow"
+    return (f"MLflow: {command} ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000  "
+            f"(then http://127.0.0.1:5000, experiment {experiment})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")          # Tune's table reporter, with our columns
@@ -576,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + ranked_table(summary))
     failed = sum(t["status"] == "error" for t in summary["trials"])
     print(f"\n{len(summary['trials'])} trials ({failed} failed); summary: {options.output / SUMMARY_FILE}")
-    print(f"MLflow: mlflow ui --backend-store-uri {options.tracking_uri}  (experiment {options.experiment})")
+    print(mlflow_hint(options.tracking_uri, options.experiment))
     return 0
 
 

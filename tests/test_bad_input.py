@@ -95,7 +95,8 @@ def test_what_is_not_a_safetensors_file_is_named(tmp_path, content, message):
 
 
 def test_weight_names_are_matched_across_a_full_clip_and_a_vision_tower():
-    base = {"text_model.embeddings.position_embedding.weight": 0, "vision_model.embeddings.position_embedding.weight": 0,
+    base = {"text_model.embeddings.position_embedding.weight": 0,
+            "vision_model.embeddings.position_embedding.weight": 0,
             "vision_model.embeddings.class_embedding": 0, "vision_model.encoder.layers.0.mlp.fc1.weight": 0}
     expert = {"embeddings.position_embedding.weight": 0, "embeddings.class_embedding": 0,
               "encoder.layers.0.mlp.fc1.weight": 0}
@@ -126,3 +127,15 @@ def test_an_error_raised_in_a_ray_task_reaches_the_user_as_its_own_line(ray_sess
     assert "\x1b[" in str(raised.value) or "Traceback" in str(raised.value)       # what Ray's wrapper says
     assert user_message(raised.value) == "model_pool.experts.x: broken"
     assert json.dumps(user_message(raised.value)).isascii()
+
+
+def test_a_message_is_shown_by_its_own_line():
+    class Wrapped(Exception):
+        cause = SmileError("task_pool.tasks[0] (mnist): no such directory")
+
+    assert user_message(Wrapped("\x1b[36mray::smile_svd_prefill()\x1b[39m\nTraceback …")) == \
+        "task_pool.tasks[0] (mnist): no such directory"
+    traceback = RuntimeError("Traceback (most recent call last):\n  File …\nValueError: bad")
+    assert user_message(traceback) == "ValueError: bad"
+    sqlalchemy = RuntimeError("(sqlite3.OperationalError) database is locked\n(Background on this error at: …)")
+    assert user_message(sqlalchemy) == "(sqlite3.OperationalError) database is locked"

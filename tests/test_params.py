@@ -5,7 +5,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM, T5Config, \
     T5ForConditionalGeneration
 
-from smile_ray.smile.checkpoint import apply_layout
+from smile_ray.smile.modeling_smile import apply_layout
 from smile_ray.smile.params import count_parameters, parameter_report
 
 

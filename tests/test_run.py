@@ -90,7 +90,8 @@ def test_cli_writes_report_and_model(tiny_config, tmp_path, capsys):
     assert set(report) >= {"model_info", "average", "digit"} and set(report["digit"]) == {"accuracy", "loss"}
     numbers = {key for key, value in report["model_info"].items() if isinstance(value, (int, float))}
     assert numbers == set(MODEL_INFO_NUMBERS) and set(report["timings"]) == set(TIMINGS)   # what a metric may name
-    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "smile_layers.json").exists()
+    saved = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_smile.py", "layer.py"} <= saved
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "r.json", tmp_path / "m",
                                                               *(tmp_path / "m").iterdir()]}
     assert modes == {"r.json": 0o640, "m": 0o750, **{p.name: 0o640 for p in (tmp_path / "m").iterdir()}}

@@ -296,3 +296,37 @@ def test_clip_b32_grid_is_the_papers_77_points():
 
     points = load_space("clip_b32").grid_points()
     assert len(points) == 77 and {(p["gate_k"], p["k"]) for p in points} >= {(16, 32), (768, -1), (1, 4)}
+
+
+def test_overwrite_starts_the_sweep_over_and_replaces_its_mlflow_runs(ray_session, tiny_cache, tmp_path):
+    space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "individual", "model": "pretrained"})
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ["--space", str(space), "--output", str(out), "--tracking-uri", uri]
+    assert main(command) == 0
+    first = json.loads((out / "summary.json").read_text())
+    cached = sorted((out / "svd_cache").rglob("*")) if (out / "svd_cache").exists() else []
+    assert main(command) == 2                                  # the same command again is refused…
+    assert main([*command, "--overwrite"]) == 0                # …unless asked to start over
+    second = json.loads((out / "summary.json").read_text())
+    assert second["mlflow"]["parent_run_id"] != first["mlflow"]["parent_run_id"]
+    client = MlflowClient(uri)
+    old = client.get_run(first["mlflow"]["parent_run_id"])
+    assert old.info.lifecycle_stage == "deleted"
+    assert client.get_run(first["trials"][0]["mlflow_run_id"]).info.lifecycle_stage == "deleted"
+    live = client.search_runs([second["mlflow"]["experiment_id"]])
+    assert sorted(r.info.run_id for r in live) == sorted([second["mlflow"]["parent_run_id"],
+                                                          second["trials"][0]["mlflow_run_id"]])
+    assert all(p in sorted((out / "svd_cache").rglob("*")) for p in cached)     # the SVD cache is kept
+
+
+def test_a_trial_worker_does_not_report_the_exit_tune_asked_for():
+    from types import SimpleNamespace
+
+    from smile_ray.tune import _quiet_exit_during_gc
+
+    reported = []
+    _quiet_exit_during_gc(SimpleNamespace(exc_type=SystemExit), report=reported.append)
+    assert reported == []
+    other = SimpleNamespace(exc_type=ValueError)
+    _quiet_exit_during_gc(other, report=reported.append)
+    assert reported == [other]

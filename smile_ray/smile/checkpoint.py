@@ -1,15 +1,13 @@
 """Save a merged or upscaled model as a Hugging Face directory (safetensors) and load it back.
 
-A merged model without SMILE layers is a plain `save_pretrained` directory. A SMILE model is its
-config (`save_pretrained`), `model.safetensors` (its state dict, named as the module names them) and
-`smile_layers.json`, the shape of every SmileLinear (experts, gate_k, k, top_k, bias). Loading
-rebuilds the base architecture from the config, swaps in empty SmileLinear layers of those shapes
-and loads the weights strictly.
+A merged model without SMILE layers is a plain `save_pretrained` directory of its architecture. A SMILE model is
+saved as the SMILE variant of its architecture (`modeling_smile.py`): config.json with `smile_layers` and an
+`auto_map`, the weights as safetensors, and the variant's code (modeling_smile.py, layer.py), so that
+`AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads it with nothing but torch and transformers.
+`load_model` here loads either kind with this package's own classes (no code is run from the directory).
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 import shutil
 import tempfile
@@ -17,38 +15,26 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from smile_ray.errors import SmileError
 from smile_ray.report import default_dir_mode, default_file_mode
-from smile_ray.smile.layer import SmileLinear
-
-LAYOUT_FILE = "smile_layers.json"
-WEIGHTS_FILE = "model.safetensors"
+from smile_ray.smile.modeling_smile import VARIANTS, smile_layout
 
 
-def smile_layout(model: nn.Module) -> dict[str, dict]:
-    """name → constructor arguments of every SmileLinear in `model`."""
-    return {name: {"in_features": m.in_features, "out_features": m.out_features, "num_experts": m.num_experts,
-                   "gate_k": m.gate_k, "k": m.k, "top_k": m.top_k, "bias": m.expert_bias is not None}
-            for name, m in model.named_modules() if isinstance(m, SmileLinear)}
-
-
-def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
-    """Swap the named nn.Linear layers of `model` for uninitialised SmileLinear layers (in place)."""
-    for name, spec in layout.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
-                spec["out_features"], spec["in_features"]):
-            raise SmileError(f"{name}: {LAYOUT_FILE} describes a {spec['out_features']}×{spec['in_features']} "
-                             f"linear layer that this architecture does not have")
-        spec = {key: value for key, value in spec.items() if key not in ("in_features", "out_features")}
-        layer = SmileLinear(linear.in_features, linear.out_features, spec.pop("num_experts"), **spec,
-                            device=linear.weight.device, dtype=linear.weight.dtype)
-        model.set_submodule(name, layer)
-    return model
+def as_smile_variant(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+    """The same weights, as an instance of the SMILE variant of `model`'s architecture (sharing its tensors)."""
+    variant = VARIANTS.get(type(model).__name__)
+    if variant is None:
+        raise SmileError(f"--save-model: SMILE models of {type(model).__name__} cannot be saved yet (supported: "
+                         f"{', '.join(VARIANTS)})")
+    settings = {key: value for key, value in model.config.to_dict().items()
+                if key not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    config = variant.config_class(**settings, smile_layers=smile_layout(model))
+    with torch.device("meta"):
+        smile = variant(config)
+    smile.load_state_dict(model.state_dict(), strict=True, assign=True)
+    return smile.eval()
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -56,19 +42,13 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if not isinstance(model, transformers.PreTrainedModel):
         raise SmileError(f"--save-model: only Hugging Face models can be saved, not {type(model).__name__}")
+    if smile_layout(model):
+        model = as_smile_variant(model)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        layout = smile_layout(model)
-        if layout:
-            config = copy.deepcopy(model.config)
-            config.architectures = [type(model).__name__]
-            config.save_pretrained(tmp)
-            save_safetensors_model(model, str(tmp / WEIGHTS_FILE))
-            (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=1))
-        else:
-            transformers.utils.logging.disable_progress_bar()
-            model.save_pretrained(tmp, safe_serialization=True)
+        transformers.utils.logging.disable_progress_bar()
+        model.save_pretrained(tmp, safe_serialization=True)
         _default_permissions(tmp)
         if directory.exists():
             shutil.rmtree(directory)
@@ -90,16 +70,12 @@ def _default_permissions(tree: Path) -> None:
 
 
 def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a directory written by `save_model` (or any plain save_pretrained directory)."""
+    """Load a directory written by `save_model` (or any plain save_pretrained directory), with this package's
+    classes: no code from the directory is run."""
     directory = Path(directory)
-    layout_path = directory / LAYOUT_FILE
-    layout = json.loads(layout_path.read_text()) if layout_path.exists() else {}
-    config = transformers.AutoConfig.from_pretrained(directory)
-    model_class = getattr(transformers, (config.architectures or [""])[0], None)
+    architecture = (transformers.PretrainedConfig.get_config_dict(directory)[0].get("architectures") or [""])[0]
+    variants = {variant.__name__: variant for variant in VARIANTS.values()}
+    model_class = variants.get(architecture) or getattr(transformers, architecture, None)
     if model_class is None:
-        raise SmileError(f"{directory}/config.json: unknown architecture {config.architectures}")
-    if not layout:
-        return model_class.from_pretrained(directory, dtype=dtype)
-    model = apply_layout(model_class(config), layout)
-    load_safetensors_model(model, str(directory / WEIGHTS_FILE), strict=True)
-    return model.to(dtype) if dtype is not None else model
+        raise SmileError(f"{directory}/config.json: unknown architecture {architecture!r}")
+    return model_class.from_pretrained(directory, dtype=dtype).eval()

@@ -1,0 +1,88 @@
+"""A saved SMILE model loads anywhere: with transformers' Auto classes and trust_remote_code, in a process where
+smile_ray cannot be imported, to the same outputs; without trust_remote_code transformers refuses it."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from smile_ray.smile import upscale
+from smile_ray.smile.checkpoint import load_model, save_model
+from smile_ray.trial import build_pools
+
+WITHOUT_SMILE_RAY = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class NoSmileRay(importlib.abc.MetaPathFinder):     # a machine with only torch and transformers
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "smile_ray":
+                raise ImportError("smile_ray is not installed here")
+
+    sys.meta_path.insert(0, NoSmileRay())
+""")
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_cache, tmp_path_factory):
+    """A SMILE model of the tiny embedded pool, its outputs on a batch of images, and where it was saved."""
+    tmp = tmp_path_factory.mktemp("checkpoint")
+    pools = build_pools({"model_pool": {"kind": "embedded", "scale": "tiny", "cache_dir": str(tiny_cache)},
+                         "task_pool": {"kind": "embedded"}})
+    experts = {name: pools.models.load_expert(name) for name in pools.models.expert_names[:3]}
+    model = upscale(pools.models.load_base(), experts, gate_k=4, k=8, top_k=2).eval()
+    size = model.config.image_size
+    pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).pooler_output
+    save_model(model, tmp / "model")
+    save_file({"pixels": pixels}, tmp / "pixels.safetensors")
+    return {"dir": tmp / "model", "pixels": pixels, "expected": expected, "tmp": tmp}
+
+
+def test_the_checkpoint_names_its_code(saved):
+    config = json.loads((saved["dir"] / "config.json").read_text())
+    assert config["model_type"] == "smile_clip_vision_model" and config["architectures"] == ["SmileCLIPVisionModel"]
+    assert config["auto_map"] == {"AutoConfig": "modeling_smile.SmileCLIPVisionConfig",
+                                  "AutoModel": "modeling_smile.SmileCLIPVisionModel"}
+    assert len(config["smile_layers"]) == 6 * config["num_hidden_layers"]     # every linear layer of every block
+    assert {"modeling_smile.py", "layer.py", "model.safetensors"} <= {p.name for p in saved["dir"].iterdir()}
+
+
+def test_load_model_gives_the_same_outputs(saved):
+    with torch.no_grad():
+        assert torch.equal(load_model(saved["dir"])(pixel_values=saved["pixels"]).pooler_output, saved["expected"])
+
+
+def run_elsewhere(saved, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(saved["tmp"] / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", WITHOUT_SMILE_RAY + textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, cwd=saved["tmp"], timeout=300)
+
+
+def test_auto_model_with_remote_code_loads_it_without_smile_ray(saved):
+    done = run_elsewhere(saved, f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained({str(saved["dir"])!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "SmileCLIPVisionModel"
+        with torch.no_grad():
+            out = model(pixel_values=load_file("pixels.safetensors")["pixels"]).pooler_output
+        save_file({{"out": out.contiguous()}}, "elsewhere.safetensors")
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.equal(load_file(saved["tmp"] / "elsewhere.safetensors")["out"], saved["expected"])
+
+
+def test_auto_model_without_remote_code_refuses_it(saved):
+    done = run_elsewhere(saved, f"""
+        from transformers import AutoModel
+
+        AutoModel.from_pretrained({str(saved["dir"])!r})
+    """)
+    assert done.returncode != 0 and "trust_remote_code=True" in done.stderr
