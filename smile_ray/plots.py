@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from smile_ray.report import task_names
 
 DENSE = "dense"
+DPI = 120                      # 6 × 4.5 in → 720 × 540 px, legible in the MLflow UI's artifact view
 Cell = tuple[int, int | str]
 
 
@@ -58,7 +59,8 @@ def plot_heatmap(rows: Sequence[int], cols: Sequence[int | str], values: Sequenc
                  metric: str = "average/accuracy", percent: bool = True) -> Figure:
     """The paper's gate_k × k figure: one annotated cell per configuration, blank where none ran."""
     grid = [[math.nan if v is None else v * (100.0 if percent else 1.0) for v in row] for row in values]
-    fig = Figure(figsize=(1.0 + 0.75 * max(len(cols), 3), 1.0 + 0.5 * max(len(rows), 3)), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 2.0 + 0.8 * len(cols)), max(4.5, 1.5 + 0.45 * len(rows))), dpi=DPI,
+                 layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
@@ -72,7 +74,7 @@ def plot_heatmap(rows: Sequence[int], cols: Sequence[int | str], values: Sequenc
         for j, value in enumerate(row):
             if math.isfinite(value):
                 ax.text(j, i, f"{value:.1f}" if percent else f"{value:.3g}", ha="center", va="center",
-                        fontsize=8, color="black" if value > middle else "white")
+                        fontsize=10, color="black" if value > middle else "white")
     fig.colorbar(image, ax=ax)
     return fig
 
@@ -88,9 +90,11 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float], mode: str = "m
 
 
 def plot_pareto(params: Sequence[float], scores: Sequence[float], labels: Sequence[str], *,
-                metric: str = "average/accuracy", mode: str = "max") -> Figure:
-    """Score against total parameter count, one colour per label (method), the Pareto front highlighted."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+                metric: str = "average/accuracy", mode: str = "max", percent: bool = True) -> Figure:
+    """Score against total parameter count, one colour per label (method), the Pareto front highlighted; scores in
+    % when `percent` (as the heatmap shows them)."""
+    scores = [value * (100.0 if percent else 1.0) for value in scores]
+    fig = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     for label in dict.fromkeys(labels):
         idx = [i for i, name in enumerate(labels) if name == label]
@@ -101,7 +105,7 @@ def plot_pareto(params: Sequence[float], scores: Sequence[float], labels: Sequen
     if params and max(params) > 10 * max(min(params), 1):
         ax.set_xscale("log")
     ax.set_xlabel("model_info/all_params")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(f"{metric}{' (%)' if percent else ''}")
     ax.set_title(f"{metric} vs parameters")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -109,16 +113,18 @@ def plot_pareto(params: Sequence[float], scores: Sequence[float], labels: Sequen
 
 
 def plot_task_bars(tasks: Sequence[str], series: Mapping[str, Mapping[str, float]], *,
-                   metric: str = "accuracy") -> Figure:
-    """Grouped bars: per task, one bar per series (e.g. the best trial, each fine-tuned model on its own task)."""
-    fig = Figure(figsize=(max(5.0, 1.5 + 0.9 * len(tasks)), 5.0), layout="constrained")
+                   metric: str = "accuracy", percent: bool = True) -> Figure:
+    """Grouped bars: per task, one bar per series (e.g. the best trial, each fine-tuned model on its own task);
+    values in % when `percent`."""
+    fig = Figure(figsize=(max(6.0, 1.5 + 0.9 * len(tasks)), 5.0), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / max(len(series), 1)
+    scale = 100.0 if percent else 1.0
     for s, (name, values) in enumerate(series.items()):
         xs = [t + (s - (len(series) - 1) / 2) * width for t in range(len(tasks))]
-        ax.bar(xs, [values.get(task, math.nan) for task in tasks], width=width, label=name)
+        ax.bar(xs, [values.get(task, math.nan) * scale for task in tasks], width=width, label=name)
     ax.set_xticks(range(len(tasks)), list(tasks), rotation=30, ha="right")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(f"{metric}{' (%)' if percent else ''}")
     ax.set_title(f"per-task {metric}")
     ax.grid(True, axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=1, fontsize=8)
@@ -161,12 +167,12 @@ def _task_accuracies(point: Mapping[str, Any], metric: str) -> dict[str, float]:
             if key.endswith(suffix) and "/" not in key[:-len(suffix)] and key[:-len(suffix)] != "average"}
 
 
-def _describe(point: Mapping[str, Any], limit: int = 60) -> str:
+def _describe(point: Mapping[str, Any]) -> str:
+    """What the point's configuration is, in the words of its MLflow run name ("smile gk32 k32")."""
+    from smile_ray.methods import describe
+
     method = {key[len("method."):]: value for key, value in point["config"].items() if key.startswith("method.")}
-    words = [str(method.pop("name", ""))] + [f"{key}={value}" for key, value in method.items()
-                                             if isinstance(value, (str, int, float, bool))]
-    text = " ".join(word for word in words if word)
-    return text[:limit] if text else str(point.get("trial_id", "trial"))
+    return describe(method) or str(point.get("trial_id", "trial"))
 
 
 def task_series(points: Sequence[Mapping[str, Any]], best: Mapping[str, Any], metric: str = "accuracy"
@@ -213,10 +219,11 @@ def sweep_figures(points: Sequence[Mapping[str, Any]], metric: str = "average/ac
     if sized:
         figures["plots/pareto.png"] = plot_pareto(
             [p["metrics"]["model_info/all_params"] for p in sized], [p["metrics"][metric] for p in sized],
-            [str(p["config"].get("method.name", "trial")) for p in sized], metric=metric, mode=mode)
+            [str(p["config"].get("method.name", "trial")) for p in sized], metric=metric, mode=mode, percent=percent)
     best = best_point(points, metric, mode)
     if best is not None:
         tasks, series = task_series(points, best, metric.rsplit("/", 1)[-1])
         if tasks:
-            figures["plots/per_task.png"] = plot_task_bars(tasks, series, metric=metric.rsplit("/", 1)[-1])
+            figures["plots/per_task.png"] = plot_task_bars(tasks, series, metric=metric.rsplit("/", 1)[-1],
+                                                           percent=percent)
     return figures

@@ -183,6 +183,36 @@ def test_sweep_figures_skip_plots_without_data():
     assert sweep_figures(bare) == {}
 
 
+def test_sweep_figures_are_legible_whole_and_on_one_scale():
+    def point(config: dict, trial_id: str) -> dict:
+        result = fake_results(config, trial_id)[-1]
+        return {"trial_id": trial_id, "config": flatten_config(config), "metrics": result_metrics(result),
+                "report": result["report"]}
+
+    best = {"method": {"name": "smile", "gate_k": 2, "k": 4, "top_k": 1, "routing_use_diff": True,
+                       "average_experts": False}}
+    points = [point(best, "s1"), point(smile(1, 4), "s2"),
+              *(point({"method": {"name": "individual", "model": t}}, t) for t in TASKS)]
+    figures = sweep_figures(points)
+    for path, figure in figures.items():
+        figure.canvas.draw()                                    # Agg, as MLflow's log_figure renders it
+        width, height = figure.canvas.get_width_height()
+        assert width >= 640 and height >= 480, (path, width, height)
+        box = figure.bbox
+        for legend in [*figure.legends, *(ax.get_legend() for ax in figure.axes if ax.get_legend())]:
+            extent = legend.get_window_extent()
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, path
+    legend = [t.get_text() for t in figures["plots/per_task.png"].legends[0].get_texts()]
+    winner = best_point(points, "average/accuracy")["config"]
+    named = run_name({"method": {k.removeprefix("method."): v for k, v in winner.items()}}, "x")
+    assert legend[0] == f"best: {named}"                    # the run's name ("individual a"), not a clipped dump
+    labels = {path: figure.axes[0].get_ylabel() for path, figure in figures.items()}
+    assert labels["plots/pareto.png"] == "average/accuracy (%)" and labels["plots/per_task.png"] == "accuracy (%)"
+    assert "(%)" in figures["plots/heatmap.png"].axes[0].get_title()
+    bars = [patch.get_height() for patch in figures["plots/per_task.png"].axes[0].patches]
+    assert max(bars) > 1                                           # in %, as the heatmap and the Pareto plot
+
+
 def test_best_point_breaks_ties_by_fewer_extra_params_then_trial_id():
     def point(trial_id: str, value: float, extra: float | None = None, report: bool = True) -> dict:
         metrics = {"average/accuracy": value, **({} if extra is None else {"model_info/extra_params": extra})}
