@@ -45,3 +45,19 @@ def test_cache_slices_smaller_ranks_and_refuses_larger(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
     entries = [path for path in tmp_path.rglob("*") if path.is_file()]        # readable by a sweep's other nodes
     assert entries and all(path.stat().st_mode & 0o777 == default_file_mode() for path in entries)
+
+
+def test_small_decompositions_run_on_one_thread_and_large_ones_on_all(monkeypatch):
+    from smile_ray.smile import svd
+
+    seen = []
+    decompose = svd._decompose
+    monkeypatch.setattr(svd, "_decompose", lambda *args: seen.append(torch.get_num_threads()) or decompose(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        svd.truncated_svd(torch.randn(512, svd.MIN_PARALLEL_GRAM - 1), 8)
+        svd.truncated_svd(torch.randn(svd.MIN_PARALLEL_GRAM, 600), 8)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

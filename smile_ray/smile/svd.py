@@ -15,6 +15,8 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from smile_ray.report import default_file_mode
 
+MIN_PARALLEL_GRAM = 256         # smaller side below which one thread is faster (bench/svd_threads.py)
 _counter_lock = threading.Lock()
 _svd_calls = 0
 
@@ -57,8 +60,36 @@ def truncated_svd(matrix: torch.Tensor, rank: int, device: torch.device | str | 
     rank is clamped to min(m, n). Directions whose singular value is zero to working precision
     (≤ 1e-6 · s₁) get s = 0 and zero singular vectors, where a full SVD would return arbitrary
     orthonormal ones: they add nothing to an expert and nothing to a router logit.
+
+    On a CPU, a matrix whose smaller side is below MIN_PARALLEL_GRAM is decomposed on one thread: there, more
+    threads only add their start-up, and when the other cores are busy they wait on each other for tens of
+    milliseconds per call (`bench/svd_threads.py`).
     """
     global _svd_calls
+    on_cpu = torch.device(device or matrix.device).type == "cpu"
+    with torch_threads(1 if on_cpu and min(matrix.shape) < MIN_PARALLEL_GRAM else None):
+        factors = _decompose(matrix, rank, device)
+    with _counter_lock:
+        _svd_calls += 1
+    return factors
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _decompose(matrix: torch.Tensor, rank: int, device: torch.device | str | None) -> Factors:
+    """truncated_svd's work, on the threads torch has now."""
     m, n = matrix.shape
     full = min(m, n)
     rank = min(rank, full)
@@ -73,8 +104,6 @@ def truncated_svd(matrix: torch.Tensor, rank: int, device: torch.device | str | 
     other = (a @ eigvecs) / torch.where(live, s, 1.0)
     eigvecs, other, s = eigvecs * live, other * live, s * live
     u, v = (eigvecs, other) if transpose else (other, eigvecs)
-    with _counter_lock:
-        _svd_calls += 1
     to_cpu = {"device": "cpu", "dtype": torch.float32}
     return Factors(u.to(**to_cpu).contiguous(), s.to(**to_cpu), v.to(**to_cpu).contiguous(), rank == full)
 
