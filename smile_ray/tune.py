@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, keep_local_ray_on_loopback
+from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, describe_resources, keep_local_ray_on_loopback
 from smile_ray.errors import SmileError, user_message
 from smile_ray.report import write_report
 from smile_ray.sources import check_sources, configuration_sources
@@ -528,7 +528,8 @@ def describe(spec: SweepSpec) -> str:
                      for p in spec.svd_plan()) or "none"
     count, samples = spec.trial_count(), spec.search["num_samples"]
     lines = [f"{spec.name}: valid; {count} trial{'s' * (count != 1)} ({spec.search['algorithm']} search"
-             f"{f', num_samples {samples}' if samples != 1 else ''}); SVD prefill: {plan}"]
+             f"{f', num_samples {samples}' if samples != 1 else ''}); SVD prefill: {plan}; "
+             f"{describe_resources(spec.resources)} (checked against the cluster when the sweep starts)"]
     searched = {(block["name"], key) for block in spec.methods for key, v in block.items() if isinstance(v, Sampled)}
     for point in spec.methods if spec.searched else spec.grid_points():
         defaults = {p.name: p.default for p in get_method(point["name"]).params}

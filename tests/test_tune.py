@@ -254,6 +254,7 @@ def test_validate_prints_every_trial(capsys):
     assert main(["--validate", "--set", "method[3].gate_k=[4,8]"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("embedded: valid; 17 trials (grid search); SVD prefill: gate_k 8, k 32")
+    assert lines[0].endswith("; 1 CPU, 0 GPUs per trial (checked against the cluster when the sweep starts)")
     assert len(lines) == 18 and lines[1].split() == ["individual", "model=pretrained"]
     assert lines[-1].split() == ["smile", "gate_k=8", "k=-1"]
 
