@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from smile_ray.smile.svd import truncated_svd
+from smile_ray.smile.svd import _decompose      # the decomposition alone, at a fixed thread count
 
 
 def spin(stop) -> None:
@@ -26,8 +26,6 @@ def spin(stop) -> None:
 
 
 def timed(matrix: torch.Tensor, rank: int, threads: int, repeats: int) -> float:
-    from smile_ray.smile.svd import _decompose       # the decomposition alone, at a fixed thread count
-
     torch.set_num_threads(threads)
     _decompose(matrix, rank, None)
     times = []

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from smile_ray.errors import SmileError, user_message
-from smile_ray.report import format_task_table, write_report
+from smile_ray.files import write_json
+from smile_ray.report import format_task_table
 from smile_ray.sources import check_sources, configuration_sources
 from smile_ray.spec import apply_overrides, load_yaml, parse_space
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print("seconds: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in timings.items())
           + f"; SVDs computed {info['svd_calls']}, from cache {info['svd_cache_hits']}")
     if args.report:
-        print(f"report: {write_report(report, args.report)}")
+        print(f"report: {write_json(report, args.report)}")
     if args.save_model:
         print(f"model: {args.save_model}")
     return 0

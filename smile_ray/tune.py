@@ -34,7 +34,7 @@ import yaml
 
 from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, describe_resources, keep_local_ray_on_loopback
 from smile_ray.errors import SmileError, user_message
-from smile_ray.report import write_report
+from smile_ray.files import write_json
 from smile_ray.sources import check_sources, configuration_sources
 from smile_ray.spec import SweepSpec, apply_overrides, first_difference, load_space, parse_space
 
@@ -136,7 +136,7 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: s
         if report["timings"].get("svd_seconds"):
             metrics.svd_seconds(report["timings"]["svd_seconds"])
         report["model_info"].update(node_id=ray.get_runtime_context().get_node_id(), device=device)
-        write_report(report, saved)
+        write_json(report, saved)
     tune.report({**flatten_metrics(report), "tasks_done": len(pools.tasks.tasks), "report": report,
                  "node_id": report["model_info"].get("node_id"), "device": report["model_info"].get("device"),
                  **({"reused_report": 1} if reused else {})})
@@ -308,7 +308,7 @@ def sweep_record(options: SweepOptions, spec: SweepSpec) -> dict[str, Any]:
     `--resume` keeps; returns what it wrote."""
     record = {"tracking_uri": options.tracking_uri, "experiment": options.experiment, "space_name": spec.name,
               "space": space_text(spec), "output": str(options.output)}
-    write_report(record, options.output / SWEEP_FILE)
+    write_json(record, options.output / SWEEP_FILE)
     return record
 
 
@@ -476,7 +476,7 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     open_store(options.tracking_uri)
     if prefill_tasks is not None:
         prefill = record["svd_prefill"] = ray.get(prefill_tasks)
-        write_report(record, options.output / SWEEP_FILE)
+        write_json(record, options.output / SWEEP_FILE)
         if prefill:
             computed = sum(p["svd_computed"] for p in prefill)
             print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
@@ -488,7 +488,7 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     runs = find_sweep(options.tracking_uri, options.experiment, str(options.output))
     summary = build_summary(spec, results, runs, options)
     summary["svd_prefill"] = prefill
-    write_report(summary, options.output / SUMMARY_FILE)
+    write_json(summary, options.output / SUMMARY_FILE)
     return summary
 
 

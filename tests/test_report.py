@@ -1,16 +1,12 @@
-"""The FusionBench-style report: parameter accounting, JSON layout, atomic write, text table, flat metric names."""
+"""The FusionBench-style report: parameter accounting, JSON layout, text table, flat metric names."""
 from __future__ import annotations
 
 import json
-import os
-import stat
 
 import pytest
-import torch
 from torch import nn
 
-from smile_ray.report import (average_metrics, build_report, count_parameters, current_umask, flatten_metrics,
-                              format_task_table, write_report)
+from smile_ray.report import average_metrics, build_report, count_parameters, flatten_metrics, format_task_table
 
 RESULTS = {"sun397": {"accuracy": 0.75, "loss": 1.0}, "stanford-cars": {"accuracy": 0.5, "loss": 2.0}}
 
@@ -51,34 +47,6 @@ def test_report_keeps_a_given_average_and_needs_model_info():
         build_report(RESULTS)
     with pytest.raises(ValueError, match="results hold no task"):
         build_report({}, model_info=info)
-
-
-def test_write_report_is_atomic_and_replaces(tmp_path):
-    report = build_report(RESULTS, model_info={"trainable_params": 1, "all_params": 2, "trainable_percentage": 0.5})
-    path = tmp_path / "runs" / "trial_0" / "report.json"
-    assert write_report(report, path) == path
-    assert json.loads(path.read_text()) == report
-    write_report({**report, "timings": {"eval_seconds": 2.0}}, path)
-    assert json.loads(path.read_text())["timings"] == {"eval_seconds": 2.0}
-    with pytest.raises(TypeError):
-        write_report({**report, "model_info": {"weights": torch.zeros(1)}}, path)  # not JSON: fails mid-write
-    assert json.loads(path.read_text())["timings"] == {"eval_seconds": 2.0}  # the old file is intact
-    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]  # no temp file left behind
-
-
-@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
-def test_write_report_gives_a_plain_files_permissions(tmp_path, umask):
-    # mkstemp's 0o600 must not survive the rename: shared storage needs what open(path, "w") would give
-    old = os.umask(umask)
-    try:
-        assert current_umask() == umask
-        path = write_report({"a": 1}, tmp_path / "reports" / "r.json")
-        plain = tmp_path / "plain.json"
-        plain.write_text("{}")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
-    assert json.loads(path.read_text()) == {"a": 1}
 
 
 def test_task_table_lists_tasks_then_average():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from smile_ray.report import default_file_mode
+from smile_ray.files import default_file_mode
 from smile_ray.smile.svd import SvdCache, truncated_svd
 
 

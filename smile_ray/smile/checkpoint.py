@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 from smile_ray.errors import SmileError
-from smile_ray.report import default_dir_mode, default_file_mode
+from smile_ray.files import default_dir_mode, default_file_mode
 from smile_ray.smile.modeling_smile import VARIANTS, smile_layout
 
 

@@ -24,7 +24,7 @@ import torch
 import xxhash
 from safetensors.torch import load_file, save_file
 
-from smile_ray.report import default_file_mode
+from smile_ray.files import default_file_mode
 
 MIN_PARALLEL_GRAM = 256         # smaller side below which one thread is faster (bench/svd_threads.py)
 _counter_lock = threading.Lock()
