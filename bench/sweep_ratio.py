@@ -144,14 +144,14 @@ def overhead(work: Path) -> None:
 
     from smile_ray.hub import quiet_transformers
     from smile_ray.spec import parse_space
-    from smile_ray.trial import build_pools, run_trial
+    from smile_ray.trial import load_pools, run_trial
     from smile_ray.tune import SVD_CACHE_DIR, SweepOptions, run_sweep
 
     quiet_transformers()
     torch.set_num_threads(1)
     spec = parse_space({**SPACE, "search": {"max_concurrent": 1}}, "bench12")
     svd_cache = work / "overhead" / SVD_CACHE_DIR
-    pools = build_pools(spec.pools())
+    pools = load_pools(spec.model_pool, spec.task_pool)
     points = spec.grid_points()
     for largest in spec.svd_plan():          # warm the SVD cache at the ranks every point slices, as a prefill does
         run_trial({"method": {**points[0], **largest}}, pools=pools, svd_cache=svd_cache)

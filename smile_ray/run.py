@@ -13,7 +13,7 @@ from pathlib import Path
 from smile_ray.errors import SmileError, user_message
 from smile_ray.files import write_json
 from smile_ray.report import format_task_table
-from smile_ray.sources import check_sources, configuration_sources
+from smile_ray.sources import check_sources
 from smile_ray.spec import apply_overrides, load_yaml, parse_space
 
 EMBEDDED_DEFAULT = {
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT
         spec = parse_space(apply_overrides(config, args.overrides), "run")   # the checks a sweep makes
-        config = {**spec.pools(), "method": spec.single_point()}
-        check_sources(configuration_sources(spec.model_pool, spec.task_pool))
+        method = spec.single_point()
+        check_sources(spec.model_pool.sources() + spec.task_pool.sources())
         import torch                     # the model stack loads after the checks: bad input is refused fast
 
         from smile_ray.hub import quiet_transformers
-        from smile_ray.trial import run_trial
+        from smile_ray.trial import load_pools, run_trial
 
         quiet_transformers()
         device = checked_device(args.device)
@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {task:<16} accuracy {100 * metrics['accuracy']:6.2f}%  ({metrics['samples']} samples, "
                   f"{metrics['seconds']:.1f} s)", flush=True)
 
-        print(f"method: {json.dumps(config.get('method'))}", flush=True)
-        report = run_trial(config, svd_cache=None if args.no_svd_cache else args.svd_cache, device=device,
-                           on_task_done=progress, save_model_dir=args.save_model)
+        print(f"method: {json.dumps(method)}", flush=True)
+        pools = load_pools(spec.model_pool, spec.task_pool, device)
+        report = run_trial({"method": method}, pools=pools, svd_cache=None if args.no_svd_cache else args.svd_cache,
+                           device=device, on_task_done=progress, save_model_dir=args.save_model)
     except SmileError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2

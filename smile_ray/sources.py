@@ -179,21 +179,3 @@ def check_sources(sources: Sequence[Source]) -> None:
     if problems:
         more = fields[1:]
         raise SmileError(str(problems[0]) + (f" (also: {', '.join(more)})" if more else ""))
-
-
-def configuration_sources(model_pool: Mapping, task_pool: Mapping) -> list[Source]:
-    """The sources of validated pool sections (the embedded benchmark has none: it is built, not found)."""
-    sources: list[Source] = []
-    if model_pool["kind"] == "clip_vision":
-        from smile_ray.pools.clip_vision import ClipVisionPool
-
-        sources += ClipVisionPool.from_dict({k: v for k, v in model_pool.items() if k != "kind"}).sources()
-    if task_pool["kind"] == "clip_zero_shot":
-        from smile_ray.tasks.ta8 import TA8_DATASETS
-
-        for i, entry in enumerate(task_pool["tasks"]):      # TA8 names, or mappings naming their own dataset
-            name, dataset = (entry, TA8_DATASETS[entry][0]) if isinstance(entry, str) else (entry.get("name"),
-                                                                                             entry.get("dataset"))
-            if isinstance(dataset, str):
-                sources.append(Source(f"task_pool.tasks[{i}] ({name})", dataset, repo_type="dataset"))
-    return sources

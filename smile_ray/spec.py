@@ -14,11 +14,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from smile_ray.errors import SmileError
+
+if TYPE_CHECKING:
+    from smile_ray.kinds import ModelPoolConfig, TaskPoolConfig
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -136,10 +139,6 @@ DISTRIBUTIONS = {"uniform": float, "loguniform": float, "randint": int, "logrand
 SEARCH_FIELDS = {"algorithm": ("grid", "random", "optuna"), "num_samples": 1, "metric": "average/accuracy",
                  "mode": ("max", "min"), "max_concurrent": None, "scheduler": ("none", "asha"), "max_failures": 1,
                  "seed": 0}
-MODEL_POOL_FIELDS = {"embedded": ("kind", "scale", "cache_dir"),
-                     "clip_vision": ("kind", "base", "experts", "dtype", "torch_dtype", "revision")}
-TASK_POOL_FIELDS = {"embedded": ("kind", "tasks", "batch_size", "num_workers", "max_samples", "scale", "cache_dir"),
-                    "clip_zero_shot": ("kind", "tasks", "clip_model", "batch_size", "num_workers", "max_samples")}
 
 
 def resolve_space_path(space: str | Path) -> Path:
@@ -187,8 +186,8 @@ class SweepSpec:
 
     name: str
     document: dict[str, Any]            # the space as given (after --set), for the record
-    model_pool: dict[str, Any]
-    task_pool: dict[str, Any]
+    model_pool: ModelPoolConfig
+    task_pool: TaskPoolConfig
     methods: list[dict[str, Any]]       # each: {"name": str, param: constant or Sampled}, defaults filled
     search: dict[str, Any]
     resources: dict[str, float]
@@ -235,9 +234,6 @@ class SweepSpec:
             block = self.methods[0]
             return {"method": {k: v.tune_domain(algorithm) if isinstance(v, Sampled) else v for k, v in block.items()}}
         return {"method": tune.grid_search(self.grid_points())}
-
-    def pools(self) -> dict[str, Any]:
-        return {"model_pool": dict(self.model_pool), "task_pool": dict(self.task_pool)}
 
     def svd_plan(self) -> list[dict[str, Any]]:
         """The upscales whose SVDs every trial will slice: the largest gate_k and k per routing variant."""
@@ -324,67 +320,16 @@ def _method_block(path: str, block: Any) -> dict[str, Any]:
     return resolved
 
 
-def _pool_kind(name: str, section: Any, fields: Mapping[str, Sequence[str]]) -> str:
-    """Check a pool section's kind and keys (and an embedded build's scale); returns the kind."""
-    _check_type(name, section, Mapping, "a mapping")
-    kind = section.get("kind")
-    if kind not in fields:
-        raise _fail(f"{name}.kind", f"unknown kind {kind!r} (known: {', '.join(fields)})")
-    _check_fields(name, section, fields[kind])
-    if "scale" in section:
-        from smile_ray.embedded import RECIPES
+def checked_pools(config: Mapping[str, Any]) -> tuple[ModelPoolConfig, TaskPoolConfig]:
+    """The `model_pool` and `task_pool` sections of a configuration or space, validated by their kinds and paired
+    (smile_ray.kinds)."""
+    from smile_ray.kinds import parse_pool
 
-        if section["scale"] not in RECIPES:
-            raise _fail(f"{name}.scale", f"unknown scale {section['scale']!r} (known: {', '.join(RECIPES)})")
-    return kind
-
-
-def _model_pool(section: Any) -> dict[str, Any]:
-    if _pool_kind("model_pool", section, MODEL_POOL_FIELDS) == "clip_vision":
-        from smile_ray.pools.clip_vision import ClipVisionPool
-
-        ClipVisionPool.from_dict({k: v for k, v in section.items() if k != "kind"})
-    return dict(section)
-
-
-def _task_pool(section: Any) -> dict[str, Any]:
-    kind = _pool_kind("task_pool", section, TASK_POOL_FIELDS)
-    for key, minimum in (("batch_size", 1), ("num_workers", 0), ("max_samples", 1)):
-        value = section.get(key)
-        if value is not None and (_check_type(f"task_pool.{key}", value, int, "an integer") < minimum):
-            raise _fail(f"task_pool.{key}", f"must be at least {minimum}, got {value}")
-    tasks = section.get("tasks")
-    if tasks is not None:
-        _check_type("task_pool.tasks", tasks, list, "a list of tasks")
-        if not tasks:
-            raise _fail("task_pool.tasks", "empty list")
-        if kind == "embedded":
-            from smile_ray.embedded import TASKS
-
-            known = [t.name for t in TASKS]
-            for i, name in enumerate(tasks):
-                if name not in known:
-                    raise _fail(f"task_pool.tasks[{i}]", f"unknown task {name!r} (known: {', '.join(known)})")
-        else:
-            from smile_ray.tasks.ta8 import TA8_TASK_NAMES
-
-            for i, entry in enumerate(tasks):
-                if isinstance(entry, str) and entry not in TA8_TASK_NAMES:
-                    raise _fail(f"task_pool.tasks[{i}]",
-                                f"unknown task {entry!r} (known: {', '.join(TA8_TASK_NAMES)}, or a mapping)")
-                if not isinstance(entry, (str, Mapping)):
-                    raise _fail(f"task_pool.tasks[{i}]", f"expected a task name or a mapping, got {entry!r}")
-    elif kind == "clip_zero_shot":
-        raise _fail("task_pool.tasks", "missing")
-    return dict(section)
-
-
-def checked_pools(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The `model_pool` and `task_pool` sections of a configuration or space, validated (copies)."""
     for key in ("model_pool", "task_pool"):
         if key not in config:
             raise _fail(key, "missing")
-    return _model_pool(config["model_pool"]), _task_pool(config["task_pool"])
+    models, tasks = parse_pool(config["model_pool"], "model_pool"), parse_pool(config["task_pool"], "task_pool")
+    return models.with_tasks(tasks), tasks.with_models(models)
 
 
 def _search(section: Any) -> dict[str, Any]:
@@ -453,7 +398,7 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
         raise _fail("search.algorithm", "grid search cannot sample choices or distributions; use random or optuna")
     if search["algorithm"] == "optuna" and len(methods) > 1:
         raise _fail("search.algorithm", "optuna searches a single method block")
-    experts = _expert_names(spec.model_pool)
+    experts = spec.model_pool.expert_names()
     for i, block in enumerate(methods):
         where = "method" if len(methods) == 1 else f"method[{i}]"
         top_k = block.get("top_k")
@@ -465,26 +410,8 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
             if value != "pretrained" and value not in experts:
                 raise _fail(f"{where}.model", f"unknown model {value!r}; choose 'pretrained' or one of "
                                               f"{', '.join(experts)}")
-    _check_metric(search["metric"], _task_names(spec.task_pool))
+    _check_metric(search["metric"], list(spec.task_pool.scores()))
     return spec
-
-
-def _expert_names(model_pool: Mapping[str, Any]) -> list[str]:
-    if model_pool["kind"] == "clip_vision":
-        return list(model_pool["experts"])
-    from smile_ray.embedded import TASKS
-
-    return [task.name for task in TASKS]
-
-
-def _task_names(task_pool: Mapping[str, Any]) -> list[str]:
-    """The names of the tasks a trial reports on (mappings without a name are left to the task pool's checks)."""
-    tasks = task_pool.get("tasks")
-    if tasks is None:                                    # the embedded pool's default: all its tasks
-        from smile_ray.embedded import TASKS
-
-        return [task.name for task in TASKS]
-    return [entry if isinstance(entry, str) else str(entry.get("name")) for entry in tasks]
 
 
 def _check_metric(metric: str, tasks: Sequence[str]) -> None:

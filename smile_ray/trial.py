@@ -19,16 +19,15 @@ import torch
 
 from smile_ray.errors import SmileError
 from smile_ray.methods import get_method
+from smile_ray.kinds import ModelPoolConfig, TaskPoolConfig
 from smile_ray.pools.clip_vision import ClipVisionPool
 from smile_ray.report import build_report
 from smile_ray.smile import SvdCache, parameter_report
 from smile_ray.smile.checkpoint import save_model
 from smile_ray.spec import checked_pools
-from smile_ray.tasks.clip_zero_shot import ClipTask, ClipZeroShotTaskPool
-from smile_ray.tasks.ta8 import ta8_tasks
+from smile_ray.tasks.clip_zero_shot import ClipZeroShotTaskPool
 
 TaskDone = Callable[[str, dict, dict], None]
-TASK_POOL_OPTIONS = ("batch_size", "num_workers", "max_samples")
 
 
 @dataclass
@@ -50,58 +49,15 @@ def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(section)
 
 
-def _embedded(*sections: dict[str, Any]):
-    """The embedded benchmark, built on first use; `scale` and `cache_dir` may sit in either pool section."""
-    from smile_ray.embedded import build_embedded      # import only when asked for
-
-    options = {}
-    for section in reversed(sections):
-        if section.get("kind") == "embedded":
-            options.update({key: section.pop(key) for key in ("scale", "cache_dir") if key in section})
-    return build_embedded(options.get("cache_dir"), scale=options.get("scale", "full"))
-
-
-def _select_tasks(available: list[ClipTask], names: list[str] | None) -> list[ClipTask]:
-    """The named tasks (names already checked against the recipe by `checked_pools`), all when None."""
-    by_name = {task.name: task for task in available}
-    return available if names is None else [by_name[name] for name in names]
-
-
-def task_list(entries: list) -> list[ClipTask]:
-    """TA8 names, or mappings with the ClipTask fields for other datasets (the list already checked by
-    `spec.checked_pools`: non-empty, each entry a known TA8 name or a mapping)."""
-    tasks = []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, str):
-            tasks.extend(ta8_tasks([entry]))
-            continue
-        try:
-            tasks.append(ClipTask(**entry))
-        except TypeError as error:
-            raise SmileError(f"task_pool.tasks[{i}]: {error}") from None
-    return tasks
+def load_pools(models: ModelPoolConfig, tasks: TaskPoolConfig, device: torch.device | str | None = None) -> Pools:
+    """Load validated pool configs (finding or building the models; the task pool is prepared lazily)."""
+    model_pool = models.load()
+    return Pools(model_pool, tasks.load(model_pool, device))
 
 
 def build_pools(config: Mapping[str, Any], device: torch.device | str | None = None) -> Pools:
-    """Resolve `model_pool` and `task_pool` (building the embedded benchmark if it is named)."""
-    model_section, task_section = checked_pools(config)
-    model_kind, task_kind = model_section.get("kind"), task_section.get("kind")
-    embedded = _embedded(model_section, task_section) if "embedded" in (model_kind, task_kind) else None
-    model_section.pop("kind", None), task_section.pop("kind", None)
-    options = {key: task_section.pop(key) for key in TASK_POOL_OPTIONS if key in task_section}
-
-    if model_kind == "embedded":
-        models = ClipVisionPool(base=str(embedded.clip_dir), experts={n: str(p) for n, p in embedded.experts.items()})
-    else:
-        models = ClipVisionPool.from_dict(model_section)
-
-    if task_kind == "embedded":
-        tasks, clip_model = _select_tasks(embedded.tasks, task_section.pop("tasks", None)), str(embedded.clip_dir)
-    else:
-        tasks, clip_model = task_list(task_section.pop("tasks")), task_section.pop("clip_model", None)
-        if clip_model is None:              # the base model's own CLIP, at the revision its vision tower came from
-            clip_model, options["revision"] = models.base, models.revision
-    return Pools(models, ClipZeroShotTaskPool(clip_model, tasks, device=device, **options))
+    """Validate and load the `model_pool` and `task_pool` sections of a configuration."""
+    return load_pools(*checked_pools(config), device=device)
 
 
 def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cache: SvdCache | str | Path | None = None,

@@ -35,7 +35,7 @@ import yaml
 from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, describe_resources, keep_local_ray_on_loopback
 from smile_ray.errors import SmileError, user_message
 from smile_ray.files import write_json
-from smile_ray.sources import check_sources, configuration_sources
+from smile_ray.sources import check_sources
 from smile_ray.spec import SweepSpec, apply_overrides, first_difference, load_space, parse_space
 
 if TYPE_CHECKING:   # the driver imports torch and transformers only once a sweep starts
@@ -386,10 +386,10 @@ def clear_sweep(output: Path) -> None:
 def load_pools(spec: SweepSpec) -> Pools:
     """The driver's pools (importing torch and transformers, finding or building the models)."""
     from smile_ray.hub import quiet_transformers
-    from smile_ray.trial import build_pools
+    from smile_ray.trial import load_pools
 
     quiet_transformers()
-    return build_pools(spec.pools())
+    return load_pools(spec.model_pool, spec.task_pool)
 
 
 def without_restore_hint(record: logging.LogRecord) -> bool:
@@ -441,7 +441,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     record = resumable_record(spec, options.output) if options.resume else {}
     if not options.resume:
         refuse_existing_sweep(options.output, options.overwrite)
-    check_sources(configuration_sources(spec.model_pool, spec.task_pool))
+    check_sources(spec.model_pool.sources() + spec.task_pool.sources())
     options.tracking_uri = record.get("tracking_uri", options.tracking_uri)    # a sweep keeps the store it began with
     options.experiment = record.get("experiment", options.experiment)
     check_server(options.tracking_uri)

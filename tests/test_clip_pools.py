@@ -119,13 +119,19 @@ def test_pool_loads_base_and_experts_from_local_dirs(world):
 
 
 def test_pool_dtype_and_torch_dtype_alias(world):
-    pool = ClipVisionPool.from_dict({"base": world["clip_dir"], "experts": {}, "torch_dtype": "bfloat16"})
-    assert pool.torch_dtype == torch.bfloat16
+    from smile_ray.kinds import parse_pool
+
+    config = parse_pool({"kind": "clip_vision", "base": world["clip_dir"], "experts": {"a": world["clip_dir"]},
+                         "torch_dtype": "bf16"}, "model_pool")
+    pool = config.load()
+    assert config.dtype == "bfloat16" and pool.torch_dtype == torch.bfloat16
     assert next(pool.load_base().parameters()).dtype == torch.bfloat16
     with pytest.raises(SmileError, match=r"^model_pool\.dtype: unknown dtype 'float8'"):
         ClipVisionPool(base=world["clip_dir"], experts={}, dtype="float8")
-    with pytest.raises(SmileError, match=r"^model_pool\.colour: unknown field"):
-        ClipVisionPool.from_dict({"base": "x", "experts": {}, "colour": 1})
+    with pytest.raises(SmileError, match=r"^model_pool\.dtype: unknown dtype 'float8'"):
+        parse_pool({"kind": "clip_vision", "base": "x", "experts": {"a": "y"}, "dtype": "float8"}, "model_pool")
+    with pytest.raises(SmileError, match=r"^model_pool\.colour: unknown key"):
+        parse_pool({"kind": "clip_vision", "base": "x", "experts": {"a": "y"}, "colour": 1}, "model_pool")
 
 
 def _one_line(excinfo) -> str:

@@ -113,7 +113,7 @@ def test_top_k_above_the_embedded_pool_size_is_refused():
 def test_shipped_spaces_resolve_by_bare_name_and_overrides_apply():
     assert resolve_space_path("clip_b32").name == resolve_space_path("clip_b32.yaml").name == "clip_b32.yaml"
     spec = load_space("clip_b32", ["method.gate_k=[4,16]", "task_pool.max_samples=64"])
-    assert len(spec.grid_points()) == 14 and spec.task_pool["max_samples"] == 64
+    assert len(spec.grid_points()) == 14 and spec.task_pool.max_samples == 64
     assert apply_overrides({"a": {"b": 1}}, ["a.c.d=[1, 2]"]) == {"a": {"b": 1, "c": {"d": [1, 2]}}}
 
 

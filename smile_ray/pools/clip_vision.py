@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,10 +19,8 @@ if TYPE_CHECKING:   # transformers is imported when a model is loaded: validatin
 
 from smile_ray.errors import SmileError
 from smile_ray.hub import load_pretrained
-from smile_ray.sources import Source
+from smile_ray.kinds.clip_vision import CLIP_MODEL_TYPES, ClipVisionConfig
 from smile_ray.tasks.ta8 import TA8_TASK_NAMES, check_task_names
-
-CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -70,33 +68,10 @@ class ClipVisionPool:
         self.experts = dict(self.experts)
         self.torch_dtype = resolve_dtype(self.dtype, f"{self.field_prefix}.dtype")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], field_prefix: str = "model_pool") -> ClipVisionPool:
-        """Build from a config mapping with keys base, experts, dtype (or torch_dtype), revision."""
-        known = {"base", "experts", "dtype", "torch_dtype", "revision"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SmileError(f"{field_prefix}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-        if "dtype" in data and "torch_dtype" in data:
-            raise SmileError(f"{field_prefix}.torch_dtype: give either dtype or torch_dtype, not both")
-        for key in ("base", "experts"):
-            if key not in data:
-                raise SmileError(f"{field_prefix}.{key}: missing")
-        return cls(base=data["base"], experts=dict(data["experts"]),
-                   dtype=data.get("dtype", data.get("torch_dtype", "float32")),
-                   revision=data.get("revision"), field_prefix=field_prefix)
-
     @property
     def expert_names(self) -> list[str]:
         """Expert names, in pool order."""
         return list(self.experts)
-
-    def sources(self) -> list[Source]:
-        """The base and every expert, for `smile_ray.sources.check_sources` (before anything loads)."""
-        common = {"revision": self.revision, "model_types": CLIP_MODEL_TYPES}
-        return [Source(f"{self.field_prefix}.base", self.base, role="base", **common),
-                *(Source(f"{self.field_prefix}.experts.{name}", location, role="expert", **common)
-                  for name, location in self.experts.items())]
 
     def load_base(self) -> CLIPVisionModel:
         """The pretrained vision tower, in eval mode."""
@@ -113,6 +88,11 @@ class ClipVisionPool:
     def load_experts(self) -> OrderedDict[str, CLIPVisionModel]:
         """All experts, name -> model, in pool order (all are held in memory at once)."""
         return OrderedDict((name, self.load_expert(name)) for name in self.experts)
+
+
+def load_pool(config: ClipVisionConfig) -> ClipVisionPool:
+    """The pool a `model_pool: {kind: clip_vision}` section describes (smile_ray.kinds.clip_vision)."""
+    return ClipVisionPool(base=config.base, experts=config.experts, dtype=config.dtype, revision=config.revision)
 
 
 def load_clip_vision(source: str, *, field: str, dtype: torch.dtype = torch.float32,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -27,6 +28,11 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Pretraine
 from smile_ray.errors import SmileError
 from smile_ray.hub import is_hub_id, load_pretrained, probe_repo, short_reason
 from smile_ray.report import average_metrics
+from smile_ray.tasks.ta8 import ta8_tasks
+
+if TYPE_CHECKING:
+    from smile_ray.kinds.clip_zero_shot import ClipZeroShotConfig
+    from smile_ray.pools.clip_vision import ClipVisionPool
 
 TaskDoneCallback = Callable[[str, dict[str, float], dict[str, dict[str, float]]], None]
 
@@ -327,6 +333,21 @@ class ClipZeroShotTaskPool:
         finally:
             vision_model.train(was_training)
         return {**results, "average": average_metrics(results)}
+
+
+def task_list(entries: Sequence[str | Mapping]) -> list[ClipTask]:
+    """ClipTasks from TA8 names or mappings of ClipTask fields (entries checked by smile_ray.kinds.clip_zero_shot)."""
+    return [ta8_tasks([entry])[0] if isinstance(entry, str) else ClipTask(**entry) for entry in entries]
+
+
+def load_pool(config: ClipZeroShotConfig, models: ClipVisionPool,
+              device: torch.device | str | None = None) -> ClipZeroShotTaskPool:
+    """The task pool a `task_pool: {kind: clip_zero_shot}` section describes; its text side is `clip_model`, else
+    the model pool's base (a full CLIP checkpoint) at the revision its vision tower came from."""
+    clip_model, revision = (config.clip_model, None) if config.clip_model else (models.base, models.revision)
+    return ClipZeroShotTaskPool(clip_model, task_list(config.tasks), batch_size=config.batch_size,
+                                num_workers=config.num_workers, max_samples=config.max_samples, device=device,
+                                revision=revision)
 
 
 def _load_clip_model(source: str, **hub_kwargs) -> CLIPModel:
