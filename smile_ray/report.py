@@ -2,7 +2,7 @@
 
     {"model_info": {"trainable_params", "all_params", "trainable_percentage", "name", ...},
      "<task>": {"accuracy": float in [0, 1], "loss": float}, ...,
-     "average": {"accuracy", "loss"},
+     "average": {"accuracy", "loss", "score"},    # score: the mean of each task's primary metric
      "timings": {"svd_seconds", "upscale_seconds", "eval_seconds", ...}}
 
 Pure Python: no Ray, no MLflow, no torch import (models are only asked for `named_parameters()`).
@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 RESERVED_KEYS = ("model_info", "average", "timings")
-METRICS = ("accuracy", "loss")
 # the numbers run_trial reports besides the tasks' METRICS (tests/test_run.py checks a real report against these)
 MODEL_INFO_NUMBERS = ("trainable_params", "all_params", "trainable_percentage", "active_params", "base_params",
                       "extra_params", "ratio", "svd_calls", "svd_cache_hits")
@@ -37,23 +36,29 @@ def task_names(report: Mapping[str, Any]) -> list[str]:
     return [key for key, value in report.items() if key not in RESERVED_KEYS and isinstance(value, Mapping)]
 
 
-def average_metrics(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Unweighted mean over tasks of accuracy and loss (each metric that every task has)."""
-    tasks = [results[name] for name in task_names(results)]
+def average_metrics(results: Mapping[str, Mapping[str, float]],
+                    primary: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Unweighted mean over tasks of every metric that every task has, and with `primary` (task → the metric that is
+    its score) the mean of the tasks' scores as "score"."""
+    tasks = task_names(results)
     if not tasks:
         return {}
-    shared = [metric for metric in METRICS if all(metric in task for task in tasks)]
-    return {metric: sum(float(task[metric]) for task in tasks) / len(tasks) for metric in shared}
+    shared = [metric for metric in results[tasks[0]] if all(metric in results[task] for task in tasks)]
+    average = {metric: sum(float(results[task][metric]) for task in tasks) / len(tasks) for metric in shared}
+    if primary is not None:
+        average["score"] = sum(float(results[task][primary[task]]) for task in tasks) / len(tasks)
+    return average
 
 
 def build_report(results: Mapping[str, Mapping[str, float]], *, model: Any = None, name: str | None = None,
-                 model_info: Mapping[str, Any] | None = None,
-                 timings: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The report of one model from per-task `results` (as `ClipZeroShotTaskPool.evaluate` returns them).
+                 model_info: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
+                 primary: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The report of one model from per-task `results` (as a task pool's `evaluate` returns them).
 
     `model_info` starts from `count_parameters(model)` when `model` is given; `model_info` adds or overrides
-    entries (extra parameter accounting, e.g. base/expert parameter counts). "average" is taken from `results`
-    or computed. `timings` holds seconds, e.g. {"svd_seconds", "upscale_seconds", "eval_seconds"}.
+    entries (extra parameter accounting, e.g. base/expert parameter counts). "average" is computed from the tasks
+    (with `primary`, task → its score's metric, it holds "score", the mean of the tasks' scores), else taken from
+    `results`. `timings` holds seconds, e.g. {"svd_seconds", "upscale_seconds", "eval_seconds"}.
     """
     info: dict[str, Any] = count_parameters(model) if model is not None else {}
     info.update(model_info or {})
@@ -67,7 +72,8 @@ def build_report(results: Mapping[str, Mapping[str, float]], *, model: Any = Non
         report[task] = {metric: float(value) for metric, value in results[task].items()}
     if not task_names(report):
         raise ValueError("results hold no task")
-    average = results.get("average") or average_metrics(report)
+    average = average_metrics(report, primary) if primary is not None else (results.get("average")
+                                                                             or average_metrics(report))
     report["average"] = {metric: float(value) for metric, value in average.items()}
     report["timings"] = {key: float(value) for key, value in (timings or {}).items()}
     return report

@@ -21,7 +21,7 @@ import yaml
 from smile_ray.errors import SmileError
 
 if TYPE_CHECKING:
-    from smile_ray.kinds import ModelPoolConfig, TaskPoolConfig
+    from smile_ray.kinds import ModelPoolConfig, TaskPoolConfig, TaskScores
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -136,8 +136,8 @@ def _shipped_spaces_dir() -> Path:
 SEARCH_SPACES_DIR = _shipped_spaces_dir()
 TOP_LEVEL = ("name", "description", "model_pool", "task_pool", "method", "search", "resources", "tracking")
 DISTRIBUTIONS = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}
-SEARCH_FIELDS = {"algorithm": ("grid", "random", "optuna"), "num_samples": 1, "metric": "average/accuracy",
-                 "mode": ("max", "min"), "max_concurrent": None, "scheduler": ("none", "asha"), "max_failures": 1,
+SEARCH_FIELDS = {"algorithm": ("grid", "random", "optuna"), "num_samples": 1, "metric": None,
+                 "mode": (None, "max", "min"), "max_concurrent": None, "scheduler": ("none", "asha"), "max_failures": 1,
                  "seed": 0}
 
 
@@ -341,9 +341,11 @@ def _search(section: Any) -> dict[str, Any]:
         if isinstance(default, tuple):
             value = section.get(key, default[0])
             if value not in default:
-                raise _fail(path, f"must be one of {', '.join(default)}, got {value!r}")
+                raise _fail(path, f"must be one of {', '.join(filter(None, default))}, got {value!r}")
         elif key == "metric":
-            value = _check_type(path, section.get(key, default), str, "a metric name such as average/accuracy")
+            value = section.get(key)
+            if value is not None:
+                _check_type(path, value, str, "a metric name such as average/accuracy")
         else:
             value = section.get(key, default)
             if value is not None or key != "max_concurrent":
@@ -410,21 +412,42 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
             if value != "pretrained" and value not in experts:
                 raise _fail(f"{where}.model", f"unknown model {value!r}; choose 'pretrained' or one of "
                                               f"{', '.join(experts)}")
-    _check_metric(search["metric"], list(spec.task_pool.scores()))
+    search["metric"], search["mode"] = _objective(search, spec.task_pool.scores())
     return spec
 
 
-def _check_metric(metric: str, tasks: Sequence[str]) -> None:
-    """search.metric names a number every trial reports: a task's or the average's accuracy or loss, or one of the
-    report's model_info/… or timings/… numbers."""
-    from smile_ray.report import METRICS, MODEL_INFO_NUMBERS, TIMINGS
+def reported_metrics(scores: Mapping[str, TaskScores]) -> dict[str, str | None]:
+    """Every number a trial reports → whether higher ("max") or lower ("min") is better (None: not declared): each
+    task's metrics as its task pool declares them, the average of each metric all tasks share, "average/score"
+    (the mean of the tasks' primary metrics), and the report's model_info/… and timings/… numbers."""
+    from smile_ray.report import MODEL_INFO_NUMBERS, TIMINGS
 
-    reported = {f"{scope}/{measure}" for scope in ("average", *tasks) for measure in METRICS}   # names may hold "/"
-    reported |= {f"model_info/{key}" for key in MODEL_INFO_NUMBERS} | {f"timings/{key}" for key in TIMINGS}
+    reported: dict[str, str | None] = {f"{task}/{name}": s.mode(name) for task, s in scores.items() for name in s.names}
+    first = next(iter(scores.values()))
+    reported.update({f"average/{name}": first.mode(name) for name in first.names
+                     if all(name in s.names for s in scores.values())})
+    reported["average/score"] = "max"
+    reported.update({f"model_info/{key}": None for key in MODEL_INFO_NUMBERS})
+    reported.update({f"timings/{key}": None for key in TIMINGS})
+    return reported
+
+
+def _objective(search: Mapping[str, Any], scores: Mapping[str, TaskScores]) -> tuple[str, str]:
+    """search.metric (default: average/accuracy where every task reports accuracy, else average/score), checked
+    against what trials report, and search.mode (default: the metric's declared direction), checked against it."""
+    reported = reported_metrics(scores)
+    metric = search["metric"] or ("average/accuracy" if "average/accuracy" in reported else "average/score")
     if metric not in reported:
-        raise _fail("search.metric", f"unknown metric {metric!r}: expected average/accuracy, average/loss, "
-                                     f"<task>/accuracy, <task>/loss, model_info/<count> or timings/<step>_seconds "
-                                     f"(tasks: {', '.join(tasks)})")
+        averages = ", ".join(key for key in reported if key.startswith("average/"))
+        names = sorted({name for s in scores.values() for name in s.names})
+        raise _fail("search.metric", f"unknown metric {metric!r}: expected {averages}, <task>/{'|'.join(names)}, "
+                                     f"model_info/<count> or timings/<step>_seconds (tasks: {', '.join(scores)})")
+    declared = reported[metric]
+    mode = search["mode"] or declared or "max"
+    if declared is not None and mode != declared:
+        raise _fail("search.mode", f"{metric} is better when {'higher' if declared == 'max' else 'lower'}: "
+                                   f"mode {declared}, not {mode}")
+    return metric, mode
 
 
 def load_space(space: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:

@@ -466,10 +466,10 @@ class MlflowSweepCallback(tune.Callback):
             self.client.log_dict(run_id, _plain(report), "report.json")
             tasks = task_names(report)
             if tasks and trial_id not in self.finished:       # log_table appends: only once per run
+                metrics = list(dict.fromkeys(metric for task in tasks for metric in report[task]))
                 self.client.log_table(run_id, data={
-                    "task": tasks,
-                    "accuracy": [_number(report[t].get("accuracy")) for t in tasks],
-                    "loss": [_number(report[t].get("loss")) for t in tasks]}, artifact_file="per_task.json")
+                    "task": tasks, **{metric: [_number(report[task].get(metric)) for task in tasks]
+                                      for metric in metrics}}, artifact_file="per_task.json")
             self._set_tags(run_id, {"smile_ray.stopped_early": "false"})
         else:
             self._set_tags(run_id, {"smile_ray.stopped_early": "true"})

@@ -19,9 +19,9 @@ import torch
 
 from smile_ray.errors import SmileError
 from smile_ray.methods import get_method
-from smile_ray.kinds import ModelPoolConfig, TaskPoolConfig
+from smile_ray.kinds import ModelPoolConfig, TaskPoolConfig, TaskScores
 from smile_ray.pools.clip_vision import ClipVisionPool
-from smile_ray.report import build_report
+from smile_ray.report import average_metrics, build_report, task_names
 from smile_ray.smile import SvdCache, parameter_report
 from smile_ray.smile.checkpoint import save_model
 from smile_ray.spec import checked_pools
@@ -32,10 +32,16 @@ TaskDone = Callable[[str, dict, dict], None]
 
 @dataclass
 class Pools:
-    """The loaded-once part of a configuration: where the models are, and the evaluator."""
+    """The loaded-once part of a configuration: where the models are, the evaluator, and what each task reports."""
 
     models: ClipVisionPool
     tasks: ClipZeroShotTaskPool
+    scores: dict[str, TaskScores]
+
+    @property
+    def primary(self) -> dict[str, str]:
+        """task → the metric that is its score."""
+        return {task: scores.primary for task, scores in self.scores.items()}
 
 
 def default_device() -> torch.device:
@@ -52,7 +58,7 @@ def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
 def load_pools(models: ModelPoolConfig, tasks: TaskPoolConfig, device: torch.device | str | None = None) -> Pools:
     """Load validated pool configs (finding or building the models; the task pool is prepared lazily)."""
     model_pool = models.load()
-    return Pools(model_pool, tasks.load(model_pool, device))
+    return Pools(model_pool, tasks.load(model_pool, device), tasks.scores())
 
 
 def build_pools(config: Mapping[str, Any], device: torch.device | str | None = None) -> Pools:
@@ -88,8 +94,12 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
     info = getattr(merged, "smile_info", None)
     del experts
 
+    def task_done(task: str, metrics: dict, running: dict) -> None:        # the running average, with its score
+        done = {name: running[name] for name in task_names(running)}
+        on_task_done(task, metrics, {**done, "average": average_metrics(done, pools.primary)})
+
     start = time.perf_counter()
-    results = pools.tasks.evaluate(merged, on_task_done=on_task_done)
+    results = pools.tasks.evaluate(merged, on_task_done=task_done if on_task_done else None)
     eval_seconds = time.perf_counter() - start
 
     counts = parameter_report(merged, base)
@@ -97,7 +107,8 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
                "upscale_seconds": merge_seconds, "eval_seconds": eval_seconds}
     model_info = {**counts, "svd_calls": info.svd_computed if info else 0,
                   "svd_cache_hits": info.svd_cache_hits if info else 0}
-    report = build_report(results, model=merged, name=method.name, model_info=model_info, timings=timings)
+    report = build_report(results, model=merged, name=method.name, model_info=model_info, timings=timings,
+                          primary=pools.primary)
     if save_model_dir is not None:
         save_model(merged.to("cpu"), save_model_dir)
     return report

@@ -43,6 +43,8 @@ def test_report_keeps_a_given_average_and_needs_model_info():
     info = {"trainable_params": 1, "all_params": 2, "trainable_percentage": 0.5}
     assert build_report(given, model_info=info)["average"] == {"accuracy": 0.6, "loss": 1.4}
     assert average_metrics(RESULTS) == {"accuracy": 0.625, "loss": 1.5}
+    mixed = {"sst2": {"accuracy": 0.9, "unparsable": 0.0}, "stsb": {"spearman": 0.5, "unparsable": 0.1}}
+    assert average_metrics(mixed, {"sst2": "accuracy", "stsb": "spearman"}) == {"unparsable": 0.05, "score": 0.7}
     with pytest.raises(ValueError, match="model_info lacks trainable_params, all_params, trainable_percentage"):
         build_report(RESULTS)
     with pytest.raises(ValueError, match="results hold no task"):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from smile_ray import SmileError
-from smile_ray.report import MODEL_INFO_NUMBERS, TIMINGS
+from smile_ray.report import MODEL_INFO_NUMBERS, TIMINGS, task_names
 from smile_ray.run import main
 from smile_ray.smile.checkpoint import load_model
 from smile_ray.trial import build_pools, run_trial
@@ -58,7 +58,8 @@ def test_saved_model_loads_back_to_the_same_results(tiny_config, tmp_path):
     report = run_trial(tiny_config, pools=pools, save_model_dir=tmp_path / "model")
     reloaded = load_model(tmp_path / "model")
     results = pools.tasks.evaluate(reloaded)
-    assert {t: results[t] for t in results} == {t: report[t] for t in results}
+    assert {t: results[t] for t in task_names(report)} == {t: report[t] for t in task_names(report)}
+    assert results["average"]["accuracy"] == report["average"]["accuracy"] == report["average"]["score"]
 
 
 def test_generic_clip_pool_config_on_local_directories(tiny_bench, tiny_config):

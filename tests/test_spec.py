@@ -79,8 +79,19 @@ def test_errors_name_the_key_path(method, sections, message):
 
 
 def test_metrics_that_trials_report_are_accepted():
-    for metric in ("average/accuracy", "average/loss", "digit/accuracy", "roman/loss", "model_info/extra_params"):
+    for metric in ("average/accuracy", "average/loss", "average/score", "digit/accuracy", "roman/loss",
+                   "model_info/extra_params"):
         assert space({"name": "smile", "gate_k": 2, "k": 4}, search={"metric": metric}).search["metric"] == metric
+
+
+def test_the_mode_follows_the_metric_its_task_pool_declares():
+    smile = {"name": "smile", "gate_k": 2, "k": 4}
+    assert space(smile).search == {**space(smile).search, "metric": "average/accuracy", "mode": "max"}
+    assert space(smile, search={"metric": "average/loss"}).search["mode"] == "min"
+    assert space(smile, search={"metric": "digit/loss", "mode": "min"}).search["mode"] == "min"
+    assert space(smile, search={"metric": "model_info/extra_params", "mode": "min"}).search["mode"] == "min"
+    with pytest.raises(SmileError, match="^search.mode: average/loss is better when lower: mode min, not max$"):
+        space(smile, search={"metric": "average/loss", "mode": "max"})
     subset = {**POOLS["task_pool"], "tasks": ["digit"]}
     with pytest.raises(SmileError, match="unknown metric 'roman/accuracy'.*tasks: digit"):
         parse_space({**POOLS, "task_pool": subset, "method": {"name": "simple_average"},
