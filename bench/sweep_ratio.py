@@ -153,7 +153,7 @@ def overhead(work: Path) -> None:
     svd_cache = work / "overhead" / SVD_CACHE_DIR
     pools = load_pools(spec.model_pool, spec.task_pool)
     points = spec.grid_points()
-    for largest in spec.svd_plan():          # warm the SVD cache at the ranks every point slices, as a prefill does
+    for _, largest, _ in spec.prefill_plan():    # warm the SVD cache at the ranks every point slices, as a prefill does
         run_trial({"method": {**points[0], **largest}}, pools=pools, svd_cache=svd_cache)
     start = time.perf_counter()
     for point in points:

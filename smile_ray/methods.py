@@ -6,7 +6,7 @@ configuration fails with one line before any model is loaded.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,17 +56,35 @@ def strings(value: list) -> str | None:
 
 
 Merge = Callable[..., nn.Module]
+Candidates = Mapping[str, Sequence[Any]]          # parameter → every value a space may give it
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """SVDs that every trial of a method slices, computed once per sweep before the trials start.
+
+    plan(blocks): from a space's blocks of this method (values are constants or the largest a search can draw),
+    the keyword arguments of each computation to run; `per_expert`: once per expert of the pool (else once, on the
+    pretrained model alone); compute(base, expert, *, svd_cache, device, **entry) does one and returns what it
+    computed (`svd_computed`, `svd_seconds`)."""
+
+    plan: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+    compute: Callable[..., Any]
+    per_expert: bool = True
 
 
 @dataclass(frozen=True)
 class Method:
-    """A merge method: its parameters, which experts it needs, and how it merges."""
+    """A merge method: its parameters, which experts it needs, how it merges, and what a sweep shows of it."""
 
     name: str
     help: str
     params: tuple[Param, ...]
     merge: Merge                                  # (base, experts: dict, *, svd_cache, device, **params)
     single_model: bool = False                    # uses only the expert named by its `model` parameter
+    columns: tuple[str, ...] = ()                 # parameters shown in the sweep's live and ranked tables
+    grid_axes: tuple[str, str] | None = None      # (rows, columns) of the sweep's heatmap of the score
+    prefill: Prefill | None = None
 
     def resolve(self, given: Mapping[str, Any], prefix: str = "method") -> dict[str, Any]:
         """Validated parameters with defaults filled in (`given` excludes the `name` key)."""
@@ -91,20 +109,23 @@ class Method:
                 words.append(param.label(params[param.name]))
         return " ".join(word for word in words if word)
 
-    def needed_experts(self, params: Mapping[str, Any], names: list[str]) -> list[str]:
-        """The experts this configuration reads (a single model loads one, or none for 'pretrained').
+    def check_pool(self, candidates: Candidates, experts: Sequence[str], where: str = "method") -> None:
+        """What depends on the pool: top_k at most the number of experts, `model` one of them or 'pretrained'."""
+        largest = max(candidates.get("top_k", [1]))
+        if largest > len(experts):
+            raise SmileError(f"{where}.top_k: must be at most the number of experts ({len(experts)}), got {largest}")
+        for model in candidates.get("model", []) if self.single_model else []:
+            if model != "pretrained" and model not in experts:
+                raise SmileError(f"{where}.model: unknown model {model!r}; choose 'pretrained' or one of "
+                                 f"{', '.join(experts)}")
 
-        Also checks what depends on the pool, before any model is loaded.
-        """
-        if params.get("top_k", 1) > len(names):
-            raise SmileError(f"method.top_k: must be at most the number of experts ({len(names)}), "
-                             f"got {params['top_k']}")
+    def needed_experts(self, params: Mapping[str, Any], names: list[str]) -> list[str]:
+        """The experts this configuration reads (a single model loads one, or none for 'pretrained'), after
+        checking it against the pool."""
+        self.check_pool({key: [value] for key, value in params.items()}, names)
         if not self.single_model:
             return names
-        model = params["model"]
-        if model != "pretrained" and model not in names:
-            raise SmileError(f"method.model: unknown model '{model}'; choose 'pretrained' or one of {names}")
-        return [] if model == "pretrained" else [model]
+        return [] if params["model"] == "pretrained" else [params["model"]]
 
 
 def _smile(base, experts, *, svd_cache, device, **params):
@@ -129,6 +150,25 @@ def _projection(base, experts, *, svd_cache, device, model, **params):
     return projection_merge(base, experts[model], svd_cache=svd_cache, device=device, **params)
 
 
+def largest_smile_ranks(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The upscales whose SVDs every SMILE trial of a space slices: the largest gate_k and k per routing variant."""
+    plan: dict[bool, dict[str, int]] = {}
+    for block in blocks:
+        for use_diff in block["routing_use_diff"]:
+            entry = plan.setdefault(use_diff, {"gate_k": 1, "k": 1})
+            entry["gate_k"] = max(entry["gate_k"], *block["gate_k"])
+            entry["k"] = max(entry["k"], *block["k"])
+    return [{"routing_use_diff": use_diff, **ranks} for use_diff, ranks in plan.items()]
+
+
+def _smile_prefill(base, expert, *, svd_cache, device, **entry):
+    return upscale(base, [expert], svd_cache=svd_cache, device=device, **entry).smile_info
+
+
+def _projection_prefill(base, expert, *, svd_cache, device):
+    return projection_merge(base, base, svd_cache=svd_cache, device=device).smile_info     # W0's SVDs
+
+
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("smile", "SMILE upscaling: sparse mixture of low-rank experts from task-vector SVDs", (
         Param("gate_k", int, REQUIRED, "router rank per expert", positive, lambda v: f"gk{v}"),
@@ -141,13 +181,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
               label=lambda v: "averaged" if v else ""),
         Param("targets", list, None, "module-name patterns of the linears to upscale (default: all)", strings,
               lambda v: f"targets={','.join(v)}" if v else ""),
-    ), _smile),
+    ), _smile, columns=("gate_k", "k", "top_k"), grid_axes=("gate_k", "k"),
+        prefill=Prefill(largest_smile_ranks, _smile_prefill)),
     Method("simple_average", "mean of the fine-tuned models' weights", (), _simple_average),
     Method("task_arithmetic", "θ0 + λ Σ (θᵢ − θ0)", (
-        Param("scaling", float, 0.3, "λ, the task-vector scaling", label=lambda v: f"λ{v:g}"),), _task_arithmetic),
+        Param("scaling", float, 0.3, "λ, the task-vector scaling", label=lambda v: f"λ{v:g}"),), _task_arithmetic,
+        columns=("scaling",)),
     Method("individual", "one model of the pool as is", (
         Param("model", str, "pretrained", "expert name, or 'pretrained'", label=str),), _individual,
-        single_model=True),
+        single_model=True, columns=("model",)),
     Method("projection", "singular projection merging of one fine-tuned model (Space I / II / II+III)", (
         Param("model", str, REQUIRED, "the fine-tuned expert to project", label=str),
         Param("space", str, "II+III", f"one of {', '.join(SPACES)}",
@@ -156,7 +198,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
               lambda v: f"k{v}" if v > 0 else ""),
         Param("targets", list, None, "module-name patterns of the linears to project (default: all)", strings,
               lambda v: f"targets={','.join(v)}" if v else ""),
-    ), _projection, single_model=True),
+    ), _projection, single_model=True, columns=("model", "space", "k"),
+        prefill=Prefill(lambda blocks: [{}], _projection_prefill, per_expert=False)),
 ]}
 
 

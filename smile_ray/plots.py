@@ -56,7 +56,8 @@ def heatmap_cells(entries: Iterable[tuple[int, int, float]], mode: str = "max"
 
 
 def plot_heatmap(rows: Sequence[int], cols: Sequence[int | str], values: Sequence[Sequence[float | None]], *,
-                 metric: str = "average/accuracy", percent: bool = True) -> Figure:
+                 metric: str = "average/accuracy", percent: bool = True, row_label: str = "gate_k (router rank)",
+                 col_label: str = "k (expert rank)") -> Figure:
     """The paper's gate_k × k figure: one annotated cell per configuration, blank where none ran."""
     grid = [[math.nan if v is None else v * (100.0 if percent else 1.0) for v in row] for row in values]
     fig = Figure(figsize=(max(6.0, 2.0 + 0.8 * len(cols)), max(4.5, 1.5 + 0.45 * len(rows))), dpi=DPI,
@@ -65,8 +66,8 @@ def plot_heatmap(rows: Sequence[int], cols: Sequence[int | str], values: Sequenc
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])
-    ax.set_xlabel("k (expert rank)")
-    ax.set_ylabel("gate_k (router rank)")
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
     ax.set_title(f"{metric}{' (%)' if percent else ''}, best per cell")
     finite = [v for row in grid for v in row if math.isfinite(v)]
     middle = (min(finite) + max(finite)) / 2 if finite else 0.0
@@ -207,14 +208,25 @@ def sweep_figures(points: Sequence[Mapping[str, Any]], metric: str = "average/ac
                   mode: str = "max") -> dict[str, Figure]:
     """The figures the sweep has data for, keyed by artifact path: heatmap (SMILE trials with gate_k and k),
     Pareto scatter (points with `model_info/all_params`), per-task bars (needs individual-model trials)."""
+    from smile_ray.methods import METHODS
+
     figures: dict[str, Figure] = {}
-    percent = metric.endswith("accuracy")
-    smile = [(p["config"]["method.gate_k"], p["config"]["method.k"], p["metrics"][metric]) for p in points
-             if p["config"].get("method.name") == "smile" and _finite(p["metrics"].get(metric))
-             and isinstance(p["config"].get("method.gate_k"), int) and isinstance(p["config"].get("method.k"), int)]
-    rows, cols, values = heatmap_cells(smile, mode)
-    if rows:
-        figures["plots/heatmap.png"] = plot_heatmap(rows, cols, values, metric=metric, percent=percent)
+    percent = metric.endswith(("accuracy", "score"))
+    gridded = {name: method for name, method in METHODS.items() if method.grid_axes
+               and any(p["config"].get("method.name") == name for p in points)}
+    for name, method in gridded.items():             # the paper's gate_k × k figure, for SMILE
+        rows_axis, cols_axis = method.grid_axes
+        cells = [(p["config"][f"method.{rows_axis}"], p["config"][f"method.{cols_axis}"], p["metrics"][metric])
+                 for p in points if p["config"].get("method.name") == name and _finite(p["metrics"].get(metric))
+                 and isinstance(p["config"].get(f"method.{rows_axis}"), int)
+                 and isinstance(p["config"].get(f"method.{cols_axis}"), int)]
+        rows, cols, values = heatmap_cells(cells, mode)
+        if rows:
+            labels = {axis: f"{axis} ({next(p.help for p in method.params if p.name == axis).split(';')[0]})"
+                      for axis in method.grid_axes}
+            figures["plots/heatmap.png" if len(gridded) == 1 else f"plots/heatmap_{name}.png"] = plot_heatmap(
+                rows, cols, values, metric=metric, percent=percent, row_label=labels[rows_axis],
+                col_label=labels[cols_axis])
     sized = [p for p in points if _finite(p["metrics"].get(metric)) and _finite(p["metrics"].get("model_info/all_params"))]
     if sized:
         figures["plots/pareto.png"] = plot_pareto(

@@ -235,20 +235,24 @@ class SweepSpec:
             return {"method": {k: v.tune_domain(algorithm) if isinstance(v, Sampled) else v for k, v in block.items()}}
         return {"method": tune.grid_search(self.grid_points())}
 
-    def svd_plan(self) -> list[dict[str, Any]]:
-        """The upscales whose SVDs every trial will slice: the largest gate_k and k per routing variant."""
-        plan: dict[bool, dict[str, int]] = {}
-        for block in self.methods:
-            if block["name"] != "smile":
-                continue
-            largest = {p: int(v.largest()) if isinstance(v, Sampled) else v for p, v in block.items()
-                       if p in ("gate_k", "k")}
-            variants = block["routing_use_diff"]
-            for use_diff in (variants.args if isinstance(variants, Sampled) else (variants,)):
-                entry = plan.setdefault(use_diff, {"gate_k": 1, "k": 1})
-                entry["gate_k"] = max(entry["gate_k"], largest["gate_k"])
-                entry["k"] = max(entry["k"], largest["k"])
-        return [{"routing_use_diff": use_diff, **ranks} for use_diff, ranks in plan.items()]
+    def prefill_plan(self) -> list[tuple[str, dict[str, Any], bool]]:
+        """What the sweep computes into the SVD cache before its trials: (method name, keyword arguments, once per
+        expert?) for every method of the space that declares a `Prefill`."""
+        from smile_ray.methods import get_method
+
+        plan = []
+        for name in dict.fromkeys(block["name"] for block in self.methods):
+            prefill = get_method(name).prefill
+            if prefill is not None:
+                blocks = [candidates(block) for block in self.methods if block["name"] == name]
+                plan += [(name, entry, prefill.per_expert) for entry in prefill.plan(blocks)]
+        return plan
+
+
+def candidates(block: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """parameter → every value a method block may give it (a distribution: its largest draw)."""
+    return {key: (list(value.args) if value.kind in ("grid", "choice") else [value.largest()])
+            if isinstance(value, Sampled) else [value] for key, value in block.items()}
 
 
 def _fail(path: str, message: str) -> SmileError:
@@ -400,18 +404,12 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
         raise _fail("search.algorithm", "grid search cannot sample choices or distributions; use random or optuna")
     if search["algorithm"] == "optuna" and len(methods) > 1:
         raise _fail("search.algorithm", "optuna searches a single method block")
+    from smile_ray.methods import get_method
+
     experts = spec.model_pool.expert_names()
     for i, block in enumerate(methods):
-        where = "method" if len(methods) == 1 else f"method[{i}]"
-        top_k = block.get("top_k")
-        largest = top_k.largest() if isinstance(top_k, Sampled) else top_k
-        if largest is not None and largest > len(experts):
-            raise _fail(f"{where}.top_k", f"must be at most the number of experts ({len(experts)}), got {largest}")
-        model = block.get("model")
-        for value in (model.args if isinstance(model, Sampled) else () if model is None else (model,)):
-            if value != "pretrained" and value not in experts:
-                raise _fail(f"{where}.model", f"unknown model {value!r}; choose 'pretrained' or one of "
-                                              f"{', '.join(experts)}")
+        get_method(block["name"]).check_pool(candidates(block), experts, "method" if len(methods) == 1
+                                             else f"method[{i}]")
     search["metric"], search["mode"] = _objective(search, spec.task_pool.scores())
     return spec
 

@@ -60,29 +60,28 @@ def _device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
-def prefill_expert(models, expert: str | None, plan: list[dict], svd_cache: str, sweep: str) -> dict[str, Any]:
-    """Compute one expert's SVDs for the largest ranks of the sweep into the cache (expert None: W0's, for
-    projection merging). Runs as a Ray task; returns what it computed."""
+def prefill_expert(models, expert: str | None, plan: list[tuple[str, dict]], svd_cache: str,
+                   sweep: str) -> dict[str, Any]:
+    """Compute one expert's share of the sweep's SVD prefill into the cache (expert None: what is computed on the
+    pretrained model alone); `plan` holds (method name, keyword arguments) pairs (`SweepSpec.prefill_plan`). Runs
+    as a Ray task; returns what it computed."""
     import torch
 
     from smile_ray.hub import quiet_transformers
+    from smile_ray.methods import get_method
     from smile_ray.metrics import SweepMetrics
-    from smile_ray.smile import projection_merge, upscale
 
     quiet_transformers()
     torch.set_num_threads(1)
     device = _device()
     base = models.load_base()
+    model = None if expert is None else models.load_expert(expert)
     computed, seconds = 0, 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # ranks above a layer's size are clamped: expected here
-        if expert is None:
-            infos = [projection_merge(base, base, svd_cache=svd_cache, device=device).smile_info]
-        else:
-            model = {expert: models.load_expert(expert)}
-            infos = [upscale(base, model, svd_cache=svd_cache, device=device, **entry).smile_info for entry in plan]
-    for info in infos:
-        computed, seconds = computed + info.svd_computed, seconds + info.svd_seconds
+        for name, entry in plan:
+            info = get_method(name).prefill.compute(base, model, svd_cache=svd_cache, device=device, **entry)
+            computed, seconds = computed + info.svd_computed, seconds + info.svd_seconds
     if computed:
         SweepMetrics(sweep).svd_seconds(seconds)
     return {"expert": expert or "pretrained", "svd_computed": computed, "svd_seconds": seconds}
@@ -159,19 +158,20 @@ class SweepOptions:
 
 
 def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
-    """Start filling the SVD cache for every SVD a trial of this space can slice, one Ray task per expert;
-    returns the tasks' ObjectRefs (each resolves to what its task computed)."""
+    """Start filling the SVD cache for every SVD a trial of this space can slice (`SweepSpec.prefill_plan`), one Ray
+    task per expert (and one on the pretrained model alone); returns the tasks' ObjectRefs (each resolves to what
+    its task computed)."""
     import ray
 
-    plan = spec.svd_plan()
-    jobs: list[str | None] = list(models.expert_names) if plan else []
-    if any(block["name"] == "projection" for block in spec.methods):
-        jobs.append(None)
+    jobs: dict[str | None, list[tuple[str, dict]]] = {}
+    for name, entry, per_expert in spec.prefill_plan():
+        for expert in (models.expert_names if per_expert else [None]):
+            jobs.setdefault(expert, []).append((name, entry))
     if not jobs:
         return []
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and spec.resources["gpu"] > 0 else 0
     task = ray.remote(prefill_expert).options(num_cpus=1, num_gpus=gpus, name="smile_svd_prefill")
-    return [task.remote(models, expert, plan, str(svd_cache), spec.name) for expert in jobs]
+    return [task.remote(models, expert, plan, str(svd_cache), spec.name) for expert, plan in jobs.items()]
 
 
 def _search_algorithm(spec: SweepSpec):
@@ -201,8 +201,10 @@ def _reporter(spec: SweepSpec, output: Path):
     """Tune's live table: method, its searched parameters, the running metric, tasks done, extra parameters."""
     from smile_ray.progress import SweepReporter
 
-    params = [p for p in ("gate_k", "k", "top_k", "model", "scaling", "space") if any(p in b for b in spec.methods)]
-    return SweepReporter(spec.search["metric"], params, output)
+    from smile_ray.methods import get_method
+
+    columns = dict.fromkeys(column for block in spec.methods for column in get_method(block["name"]).columns)
+    return SweepReporter(spec.search["metric"], list(columns), output)
 
 
 def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
@@ -273,23 +275,22 @@ def _status(trial: dict[str, Any]) -> str:
 
 
 def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
+    """The trials, best first: method, what tells its configuration apart (its MLflow run name), the metric,
+    extra parameters and status."""
+    from smile_ray.methods import describe
+
     metric = summary["metric"]
     rows = sorted(summary["trials"], key=lambda t: (t["status"] != "finished",
                                                     -(t["metrics"].get(metric) or 0) if summary["mode"] == "max"
                                                     else (t["metrics"].get(metric) or 0)))
-    lines = [f"{'#':>3}  {'method':<16}{'gate_k':>7}{'k':>6}{'top_k':>6}  {'model, space, λ':<16}{metric:>18}"
-             f"{'extra params':>15}  status"]
+    lines = [f"{'#':>3}  {'method':<16}  {'configuration':<20}{metric:>18}{'extra params':>15}  status"]
     for rank, t in enumerate(rows[:limit], 1):
-        c, m = t["config"], t["metrics"]
-        k = c.get("k", "")
-        k = "dense" if isinstance(k, int) and k < 0 and c.get("name") == "smile" else k
-        detail = " ".join(f"{prefix}{c[key]}" for key, prefix in (("model", ""), ("space", ""), ("scaling", "λ "))
-                          if key in c)
-        score = m.get(metric)
-        score = f"{100 * score:.2f}%" if isinstance(score, float) and metric.endswith("accuracy") else str(score or "")
-        extra = m.get("model_info/extra_params")
-        lines.append(f"{rank:>3}  {c.get('name', ''):<16}{str(c.get('gate_k', '')):>7}{str(k):>6}"
-                     f"{str(c.get('top_k', '')):>6}  {detail:<16}{score:>18}"
+        name, score, extra = t["config"].get("name", ""), t["metrics"].get(metric), t["metrics"].get(
+            "model_info/extra_params")
+        configuration = describe(t["config"]).removeprefix(str(name)).strip()
+        score = (f"{100 * score:.2f}%" if isinstance(score, float) and metric.endswith(("accuracy", "score"))
+                 else str(score or ""))
+        lines.append(f"{rank:>3}  {name:<16}  {configuration:<20}{score:>18}"
                      f"{'' if extra is None else f'{int(extra):,}':>15}  {_status(t)}")
     if len(rows) > limit:
         lines.append(f"… {len(rows) - limit} more in summary.json")
@@ -521,11 +522,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def describe(spec: SweepSpec) -> str:
     """What --validate prints: the trial count, the SVD prefill, and every configuration (the parameters that are
     searched or differ from the method's defaults; a sampled one shows its distribution)."""
+    from smile_ray.methods import describe as describe_method
     from smile_ray.methods import get_method
     from smile_ray.spec import Sampled
 
-    plan = ", ".join(f"gate_k {p['gate_k']}, k {p['k']}" + ("" if p["routing_use_diff"] else " (routing on W)")
-                     for p in spec.svd_plan()) or "none"
+    plan = ", ".join(describe_method({"name": name, **entry}) + ("" if per_expert else " (pretrained only)")
+                     for name, entry, per_expert in spec.prefill_plan()) or "none"
     count, samples = spec.trial_count(), spec.search["num_samples"]
     lines = [f"{spec.name}: valid; {count} trial{'s' * (count != 1)} ({spec.search['algorithm']} search"
              f"{f', num_samples {samples}' if samples != 1 else ''}); SVD prefill: {plan}; "

@@ -40,13 +40,17 @@ def test_random_and_optuna_spaces_sample():
     assert isinstance(optuna.param_space()["method"]["gate_k"], tune.search.sample.Categorical)
 
 
-def test_svd_plan_takes_the_largest_ranks_per_routing_variant():
+def test_prefill_plan_takes_the_largest_ranks_per_routing_variant_and_what_projection_needs():
     spec = space([{"name": "smile", "gate_k": [4, 16], "k": [8, -1]},
-                  {"name": "smile", "gate_k": 2, "k": [64], "routing_use_diff": False}])
-    assert spec.svd_plan() == [{"routing_use_diff": True, "gate_k": 16, "k": 8},
-                               {"routing_use_diff": False, "gate_k": 2, "k": 64}]
-    assert space({"name": "simple_average"}).svd_plan() == []
+                  {"name": "smile", "gate_k": 2, "k": [64], "routing_use_diff": False},
+                  {"name": "projection", "model": "digit"}])
+    assert spec.prefill_plan() == [("smile", {"routing_use_diff": True, "gate_k": 16, "k": 8}, True),
+                                   ("smile", {"routing_use_diff": False, "gate_k": 2, "k": 64}, True),
+                                   ("projection", {}, False)]
+    assert space({"name": "simple_average"}).prefill_plan() == []
     assert Sampled("randint", (1, 33)).largest() == 32
+    sampled = space({"name": "smile", "gate_k": {"randint": [1, 33]}, "k": 4}, search={"algorithm": "random"})
+    assert sampled.prefill_plan() == [("smile", {"routing_use_diff": True, "gate_k": 32, "k": 4}, True)]
 
 
 @pytest.mark.parametrize("method, sections, message", [

@@ -253,7 +253,7 @@ def test_shipped_spaces_validate(space, capsys):
 def test_validate_prints_every_trial(capsys):
     assert main(["--validate", "--set", "method[3].gate_k=[4,8]"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("embedded: valid; 17 trials (grid search); SVD prefill: gate_k 8, k 32")
+    assert lines[0].startswith("embedded: valid; 17 trials (grid search); SVD prefill: smile gk8 k32;")
     assert lines[0].endswith("; 1 CPU, 0 GPUs per trial (checked against the cluster when the sweep starts)")
     assert len(lines) == 18 and lines[1].split() == ["individual", "model=pretrained"]
     assert lines[-1].split() == ["smile", "gate_k=8", "k=-1"]
@@ -286,8 +286,8 @@ def test_ranked_table_orders_by_the_metric_and_says_what_each_row_is():
                "metrics": {"average/accuracy": 0.75, "model_info/extra_params": 1234567}},
               {"status": "error", "config": {"name": "individual", "model": "digit"}, "metrics": {}}]
     rows = ranked_table({"metric": "average/accuracy", "mode": "max", "trials": trials}).splitlines()[1:]
-    assert rows[0].split() == ["1", "smile", "16", "dense", "1", "75.00%", "1,234,567", "finished"]
-    assert rows[1].split() == ["2", "task_arithmetic", "λ", "0.3", "50.00%", "0", "finished"]
+    assert rows[0].split() == ["1", "smile", "gk16", "dense", "75.00%", "1,234,567", "finished"]
+    assert rows[1].split() == ["2", "task_arithmetic", "λ0.3", "50.00%", "0", "finished"]
     assert rows[2].split()[-5:] == ["90.00%", "stopped", "after", "3", "task(s)"]    # a partial running average
     assert rows[3].split() == ["4", "individual", "digit", "error"]
 
