@@ -145,7 +145,8 @@ def overhead(work: Path) -> None:
     from smile_ray.hub import quiet_transformers
     from smile_ray.spec import parse_space
     from smile_ray.trial import load_pools, run_trial
-    from smile_ray.tune import SVD_CACHE_DIR, SweepOptions, run_sweep
+    from smile_ray.sweep.driver import run_sweep
+    from smile_ray.sweep.record import SVD_CACHE_DIR, SweepOptions
 
     quiet_transformers()
     torch.set_num_threads(1)

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 import re
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import ray
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -34,128 +30,14 @@ from ray import tune
 
 from smile_ray.errors import SmileError, last_line
 from smile_ray.metrics import SweepMetrics
+from smile_ray.mlflow_runs import (EXPERIMENT_KIND_TAG, MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_TAG_LENGTH,
+                                   MODEL_TRAINING, SweepRuns, absolute_sqlite_uri, children_of,
+                                   default_artifact_location, flatten_config, git_commit, metric_key, number,
+                                   param_value, plain, ray_job_id, result_metrics, run_name)
 from smile_ray.plots import best_point, sweep_figures
 from smile_ray.report import flatten_metrics, task_names
 
-if TYPE_CHECKING:
-    import pandas
-
 logger = logging.getLogger(__name__)
-
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
-MAX_PARAM_LENGTH = 6000
-MAX_TAG_LENGTH = 8000
-MAX_KEY_LENGTH = 250
-
-# Keys Tune adds to every result (ray.tune.result): bookkeeping, not metrics. `report` is the final
-# FusionBench report, logged as report.json; its numbers are expected flat in the result too.
-TUNE_RESULT_KEYS = frozenset({
-    "training_iteration", "timestamp", "date", "done", "pid", "hostname", "node_ip", "config", "trial_id",
-    "experiment_id", "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "iterations_since_restore",
-    "timesteps_total", "timesteps_since_restore", "timesteps_this_iter", "episodes_total", "episodes_this_iter",
-    "report",
-})
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"   # as the MLflow UI reads
-_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-def is_bookkeeping(key: str) -> bool:
-    """Whether a result key is Tune's bookkeeping (TUNE_RESULT_KEYS, "time_…", "__…") rather than a metric."""
-    return key in TUNE_RESULT_KEYS or str(key).startswith(("time_", "__"))
-
-
-def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The metrics of one Tune result: numeric leaves (nested mappings joined with "/"), without Tune's bookkeeping
-    and without booleans."""
-    return flatten_metrics({key: value for key, value in result.items() if not is_bookkeeping(key)})
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings to dotted keys ("method.gate_k"); other values, lists included, kept as they are."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _name(key: str) -> str | None:
-    """A valid MLflow param/metric key (disallowed characters replaced by "_"), or None if it cannot be one."""
-    key = _BAD_NAME_CHARS.sub("_", key)
-    if not key or len(key) > MAX_KEY_LENGTH or os.path.normpath(key) != key or key.startswith("/"):
-        return None
-    return key
-
-
-def _param_value(value: Any) -> str:
-    return str(value)[:MAX_PARAM_LENGTH]
-
-
-def run_name(config: Mapping[str, Any], trial_id: str) -> str:
-    """A child run's name: what tells its configuration from the others ("smile gk16 k32", "individual sun397";
-    `methods.describe`), or the trial id for a configuration without a method section."""
-    from smile_ray.methods import describe
-
-    method = config.get("method")
-    return (describe(method) if isinstance(method, Mapping) else "") or f"trial {trial_id}"
-
-
-def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
-    """HEAD of the git checkout holding `cwd`, or None when it is not in one (or git is missing).
-
-    The default is the directory the smile_ray package is imported from, not the current directory: the commit
-    of the code that runs, wherever the sweep is launched from (None for an install outside a checkout)."""
-    directory = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
-    commands = [["git", "rev-parse", "HEAD"]]
-    if cwd is None:     # the package's own file is tracked there: an install in a venv inside another checkout is not
-        commands.append(["git", "ls-files", "--error-unmatch", Path(__file__).name])
-    try:
-        outs = [subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=10)
-                for command in commands]
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = outs[0].stdout.strip()
-    tracked = all(out.returncode == 0 for out in outs)
-    return commit if tracked and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
-
-
-def ray_job_id() -> str | None:
-    """The Ray job id of this driver, or None when Ray is not initialized."""
-    try:
-        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
-    except Exception:  # noqa: BLE001 - a best-effort tag
-        return None
-
-
-def open_store(tracking_uri: str) -> None:
-    """Open the tracking store ahead of its first use (a new sqlite file creates its tables: about 2 s). MLflow
-    keeps one store per URI, so the sweep's callback later finds it open."""
-    MlflowClient(tracking_uri=tracking_uri)
-
-
-def absolute_sqlite_uri(tracking_uri: str) -> str:
-    """`sqlite:///relative.db` made absolute (Tuner.restore may run from another directory); other URIs as given."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return tracking_uri
-    db, sep, query = tracking_uri[len("sqlite:///"):].partition("?")
-    if not db or db == ":memory:" or os.path.isabs(db):
-        return tracking_uri
-    return f"sqlite:///{Path(db).resolve()}{sep}{query}"
-
-
-def default_artifact_location(tracking_uri: str) -> str | None:
-    """For a sqlite store, `<db dir>/mlartifacts` as a file URI (MLflow would otherwise use ./mlruns relative to
-    the current directory); None for other stores (their server decides)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
-    if not db or db == ":memory:":
-        return None
-    return (Path(db).resolve().parent / "mlartifacts").as_uri()
 
 
 def _trial_error(trial: Any) -> str | None:
@@ -166,67 +48,6 @@ def _trial_error(trial: Any) -> str | None:
         except OSError:
             return None
     return None
-
-
-@dataclass(frozen=True)
-class SweepRuns:
-    """Where a sweep lives in MLflow."""
-
-    experiment_id: str
-    parent_run_id: str
-    run_ids: dict[str, str]                         # trial_id -> child run id
-
-
-def find_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> SweepRuns | None:
-    """The newest parent run tagged `smile_ray.sweep_id = sweep_id` in `experiment`, with its children by trial id."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    parents = client.search_runs([found.experiment_id], filter_string=f"tags.`smile_ray.sweep_id` = '{sweep_id}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        return None
-    parent = parents[0].info.run_id
-    return SweepRuns(found.experiment_id, parent, _children(client, found.experiment_id, parent))
-
-
-def per_task_table(tracking_uri: str, run_ids: Iterable[str], artifact_file: str = "per_task.json"
-                   ) -> "pandas.DataFrame":
-    """The per-task tables of `run_ids` as one pandas DataFrame with a `run_id` column (runs without it skipped).
-
-    Same rows as `mlflow.load_table(artifact_file, run_ids=..., extra_columns=["run_id"])`, which only works when the
-    global tracking URI and active experiment point at the sweep (MlflowClient.load_table searches through the
-    fluent API too)."""
-    import tempfile
-
-    import pandas as pd
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    frames = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for run_id in run_ids:
-            if artifact_file not in {a.path for a in client.list_artifacts(run_id)}:
-                continue
-            path = client.download_artifacts(run_id, artifact_file, os.path.join(tmp, run_id))
-            frames.append(pd.read_json(path, orient="split").assign(run_id=run_id))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["task", "run_id"])
-
-
-def _children(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str | None = None
-              ) -> dict[str, str]:
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
-    if trial_id is not None:
-        query += f" AND tags.trial_id = '{trial_id}'"
-    children: dict[str, str] = {}
-    page_token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"],
-                                  page_token=page_token)
-        children.update({run.data.tags["trial_id"]: run.info.run_id for run in page if "trial_id" in run.data.tags})
-        page_token = page.token
-        if not page_token:
-            return children
 
 
 class MlflowSweepCallback(tune.Callback):
@@ -320,7 +141,7 @@ class MlflowSweepCallback(tune.Callback):
         run = self.client.create_run(self.experiment_id, run_name=f"sweep {self.space_name}", tags=tags)
         self.parent_run_id = run.info.run_id
         self.run_ids, self.finished, self.ended, self.resumed = {}, set(), set(), False
-        self.client.log_dict(self.parent_run_id, _plain(self.space), "space.yaml")
+        self.client.log_dict(self.parent_run_id, plain(self.space), "space.yaml")
 
     def _experiment_id(self) -> str:
         """The experiment, created if needed, marked as model training so that the MLflow UI opens on its runs
@@ -341,7 +162,7 @@ class MlflowSweepCallback(tune.Callback):
         parents = self.client.search_runs([self.experiment_id],
                                           filter_string=f"tags.`smile_ray.sweep_id` = '{self.sweep_id}'")
         for parent in parents:
-            for run_id in _children(self.client, self.experiment_id, parent.info.run_id).values():
+            for run_id in children_of(self.client, self.experiment_id, parent.info.run_id).values():
                 self.client.delete_run(run_id)
             self.client.delete_run(parent.info.run_id)
 
@@ -396,7 +217,7 @@ class MlflowSweepCallback(tune.Callback):
         trial_id = str(trial.trial_id)
         run_id = self.run_ids.get(trial_id)
         if run_id is None and self.resumed:
-            run_id = _children(self.client, self.experiment_id, self.parent_run_id, trial_id).get(trial_id)
+            run_id = children_of(self.client, self.experiment_id, self.parent_run_id, trial_id).get(trial_id)
         if run_id is not None:
             self.run_ids[trial_id] = run_id
             self._reopen(run_id)
@@ -412,13 +233,13 @@ class MlflowSweepCallback(tune.Callback):
         self.run_ids[trial_id] = run_id
         params = {}
         for key, value in flatten_config(config).items():
-            valid = _name(key)
+            valid = metric_key(key)
             if valid is not None:
-                params[valid] = _param_value(value)
+                params[valid] = param_value(value)
         items = [Param(key, value) for key, value in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
-        self.client.log_dict(run_id, _plain(config), "config.yaml")
+        self.client.log_dict(run_id, plain(config), "config.yaml")
         return run_id
 
     def _reopen(self, run_id: str) -> None:
@@ -452,7 +273,7 @@ class MlflowSweepCallback(tune.Callback):
         now = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():
-            valid = _name(key)
+            valid = metric_key(key)
             if valid is not None:
                 items.append(Metric(valid, float(value), now, step))
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
@@ -463,12 +284,12 @@ class MlflowSweepCallback(tune.Callback):
         run_id = self._child(trial)
         report = (trial.last_result or {}).get("report")
         if isinstance(report, Mapping):
-            self.client.log_dict(run_id, _plain(report), "report.json")
+            self.client.log_dict(run_id, plain(report), "report.json")
             tasks = task_names(report)
             if tasks and trial_id not in self.finished:       # log_table appends: only once per run
                 metrics = list(dict.fromkeys(metric for task in tasks for metric in report[task]))
                 self.client.log_table(run_id, data={
-                    "task": tasks, **{metric: [_number(report[task].get(metric)) for task in tasks]
+                    "task": tasks, **{metric: [number(report[task].get(metric)) for task in tasks]
                                       for metric in metrics}}, artifact_file="per_task.json")
             self._set_tags(run_id, {"smile_ray.stopped_early": "false"})
         else:
@@ -521,13 +342,13 @@ class MlflowSweepCallback(tune.Callback):
         self.log_metrics(self.parent_run_id, {f"best/{key}": value for key, value in best["metrics"].items()},
                          step=done)
         tags = {"best.trial_id": best["trial_id"], "best.run_id": self.run_ids.get(best["trial_id"], "")}
-        tags.update({f"best.{key}": _param_value(value) for key, value in best["config"].items()
-                     if _name(f"best.{key}") is not None})
+        tags.update({f"best.{key}": param_value(value) for key, value in best["config"].items()
+                     if metric_key(f"best.{key}") is not None})
         self._set_tags(self.parent_run_id, tags)
         self.client.log_dict(self.parent_run_id, {"trial_id": best["trial_id"], "run_id": tags["best.run_id"],
                                                   "metric": self.metric, "mode": self.mode,
                                                   "value": best["metrics"][self.metric],
-                                                  "config": _plain(best["config"])}, "best_config.json")
+                                                  "config": plain(best["config"])}, "best_config.json")
 
     def _log_plots(self, points: list[dict[str, Any]]) -> None:
         for path, figure in sweep_figures(points, self.metric, self.mode).items():
@@ -548,24 +369,6 @@ def sweep_points(trials: Iterable[Any]) -> list[dict[str, Any]]:
         points.append({"trial_id": str(trial.trial_id), "config": flatten_config(trial.config or {}),
                        "metrics": metrics, "report": report})
     return points
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
-
-
-def _plain(value: Any) -> Any:
-    """JSON/YAML-safe copy: mappings and sequences recursed, numbers and strings kept, anything else as str."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        return value if math.isfinite(value) else str(value)
-    return str(value)
 
 
 def _lookup(result: dict[str, Any], metric: str) -> Any:

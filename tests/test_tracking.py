@@ -15,13 +15,15 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+import smile_ray.mlflow_runs
 import smile_ray.tracking
 from smile_ray.plots import best_point, heatmap_cells, pareto_front, sweep_figures
 from smile_ray.report import build_report, flatten_metrics
 from smile_ray.errors import SmileError
 from smile_ray.hub import check_server
-from smile_ray.tracking import (MlflowSweepCallback, absolute_sqlite_uri, default_artifact_location, find_sweep,
-                                flatten_config, git_commit, per_task_table, result_metrics, run_name)
+from smile_ray.mlflow_runs import (absolute_sqlite_uri, default_artifact_location, find_sweep, flatten_config,
+                                   git_commit, per_task_table, result_metrics, run_name)
+from smile_ray.tracking import MlflowSweepCallback
 
 TASKS = ("a", "b")
 SPACE = {"method": {"name": "smile", "gate_k": {"grid_search": [1, 2]}, "k": {"grid_search": [4, -1]}}}
@@ -234,7 +236,7 @@ def test_best_point_breaks_ties_by_fewer_extra_params_then_trial_id():
 
 
 def test_git_commit_is_the_packages_checkout_not_the_working_directory(tmp_path, monkeypatch):
-    repo = Path(smile_ray.tracking.__file__).resolve().parent
+    repo = Path(smile_ray.mlflow_runs.__file__).resolve().parent
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
         pytest.skip("smile_ray is not imported from a git checkout")
@@ -243,7 +245,7 @@ def test_git_commit_is_the_packages_checkout_not_the_working_directory(tmp_path,
     assert git_commit(tmp_path) is None
     installed = tmp_path / "site-packages" / "smile_ray"      # an install outside any checkout
     installed.mkdir(parents=True)
-    monkeypatch.setattr(smile_ray.tracking, "__file__", str(installed / "tracking.py"))
+    monkeypatch.setattr(smile_ray.mlflow_runs, "__file__", str(installed / "mlflow_runs.py"))
     assert git_commit() is None
 
 

@@ -263,7 +263,7 @@ def test_the_space_is_stored_with_the_sweep_and_read_back_on_resume(tmp_path):
     import datetime
 
     from smile_ray.spec import parse_space
-    from smile_ray.tune import SweepOptions, resume_space, space_text, sweep_record
+    from smile_ray.sweep.record import SweepOptions, resume_space, space_text, sweep_record
 
     document = {"name": "dated", "description": datetime.date(2025, 1, 2), "model_pool": {"kind": "embedded"},
                 "task_pool": {"kind": "embedded"}, "method": {"name": "smile", "gate_k": [4, 8], "k": 4}}
@@ -276,7 +276,7 @@ def test_the_space_is_stored_with_the_sweep_and_read_back_on_resume(tmp_path):
 
 
 def test_ranked_table_orders_by_the_metric_and_says_what_each_row_is():
-    from smile_ray.tune import ranked_table
+    from smile_ray.sweep.summary import ranked_table
 
     trials = [{"status": "stopped", "config": {"name": "smile", "gate_k": 2, "k": 4},
                "metrics": {"average/accuracy": 0.9, "tasks_done": 3}},
@@ -323,7 +323,7 @@ def test_overwrite_starts_the_sweep_over_and_replaces_its_mlflow_runs(ray_sessio
 def test_a_trial_worker_does_not_report_the_exit_tune_asked_for():
     from types import SimpleNamespace
 
-    from smile_ray.tune import _quiet_exit_during_gc
+    from smile_ray.sweep.workers import _quiet_exit_during_gc
 
     reported = []
     _quiet_exit_during_gc(SimpleNamespace(exc_type=SystemExit), report=reported.append)

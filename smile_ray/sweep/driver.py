@@ -1,0 +1,132 @@
+"""One sweep, from the checks to summary.json: `run_sweep`.
+
+The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts, and
+prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S
+from smile_ray.files import write_json
+from smile_ray.sources import check_sources
+from smile_ray.spec import SweepSpec
+from smile_ray.sweep.record import (EXPERIMENT_DIR, SUMMARY_FILE, SVD_CACHE_DIR, SWEEP_FILE, SweepOptions,
+                                    check_output, clear_sweep, refuse_existing_sweep, resumable_record, sweep_record)
+from smile_ray.sweep.summary import build_summary, sweep_complete
+from smile_ray.sweep.tuner import build_tuner, without_restore_hint
+from smile_ray.sweep.workers import prefill_expert
+
+if TYPE_CHECKING:   # the driver imports torch and transformers only once a sweep starts
+    from smile_ray.trial import Pools
+
+
+def load_pools(spec: SweepSpec) -> Pools:
+    """The driver's pools (importing torch and transformers, finding or building the models)."""
+    from smile_ray.hub import quiet_transformers
+    from smile_ray.trial import load_pools
+
+    quiet_transformers()
+    return load_pools(spec.model_pool, spec.task_pool)
+
+
+def in_background(function: Callable[..., Any], *args: Any) -> Future:
+    """Run `function(*args)` in a daemon thread; the Future gives its result or raises its error. Being a daemon,
+    the thread never holds up the process: Ctrl-C or an error in the caller exits at once."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:          # handed to whoever waits on the Future
+            future.set_exception(error)
+
+    threading.Thread(target=work, name=f"smile-{function.__name__}", daemon=True).start()
+    return future
+
+
+def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
+    """Start filling the SVD cache for every SVD a trial of this space can slice (`SweepSpec.prefill_plan`), one Ray
+    task per expert (and one on the pretrained model alone); returns the tasks' ObjectRefs (each resolves to what
+    its task computed)."""
+    import ray
+
+    jobs: dict[str | None, list[tuple[str, dict]]] = {}
+    for name, entry, per_expert in spec.prefill_plan():
+        for expert in (models.expert_names if per_expert else [None]):
+            jobs.setdefault(expert, []).append((name, entry))
+    if not jobs:
+        return []
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and spec.resources["gpu"] > 0 else 0
+    task = ray.remote(prefill_expert).options(num_cpus=1, num_gpus=gpus, name="smile_svd_prefill")
+    return [task.remote(models, expert, plan, str(svd_cache), spec.name) for expert, plan in jobs.items()]
+
+
+def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
+    """Check what `--resume` continues, that every model and dataset exists and that the cluster can hold a trial
+    (before anything is written), prefill the SVD cache (unless a resumed sweep's prefill had finished), run the
+    sweep, write summary.json; returns the summary.
+
+    The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
+    and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
+    from smile_ray.cluster import check_trial_resources, ray_cluster
+    from smile_ray.hub import check_server
+
+    record = resumable_record(spec, options.output) if options.resume else {}
+    if not options.resume:
+        refuse_existing_sweep(options.output, options.overwrite)
+    check_sources(spec.model_pool.sources() + spec.task_pool.sources())
+    options.tracking_uri = record.get("tracking_uri", options.tracking_uri)    # a sweep keeps the store it began with
+    options.experiment = record.get("experiment", options.experiment)
+    check_server(options.tracking_uri)
+    check_output(options.output)
+    loading = in_background(load_pools, spec)
+    with ray_cluster(options.address) as dashboard:
+        wait = options.resource_wait_s
+        check_trial_resources(spec.resources, wait_s=(DEFAULT_RESOURCE_WAIT_S if options.address else 0.0)
+                              if wait is None else wait)
+        if dashboard:
+            print(dashboard, flush=True)
+        if options.overwrite:
+            clear_sweep(options.output)
+        options.output.mkdir(parents=True, exist_ok=True)
+        return sweep_on_cluster(spec, options, record, loading.result())
+
+
+def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, Any], pools: Pools) -> dict[str, Any]:
+    """The sweep once every check has passed: SVD prefill, the Tuner, summary.json."""
+    import ray
+
+    from smile_ray.mlflow_runs import absolute_sqlite_uri, find_sweep, open_store
+
+    start = time.perf_counter()
+    prefill = record.get("svd_prefill")                           # a resumed sweep's, if it had finished
+    prefill_tasks = None if prefill is not None else start_svd_prefill(spec, pools.models,
+                                                                       options.output / SVD_CACHE_DIR)
+    pools.tasks.prepare()                                         # datasets and zero-shot heads
+    options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
+    if "tracking_uri" not in record:                  # a new sweep, or one from before sweep.json recorded it
+        record = sweep_record(options, spec)
+    open_store(options.tracking_uri)
+    if prefill_tasks is not None:
+        prefill = record["svd_prefill"] = ray.get(prefill_tasks)
+        write_json(record, options.output / SWEEP_FILE)
+        if prefill:
+            computed = sum(p["svd_computed"] for p in prefill)
+            print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
+                  f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
+    logging.getLogger("ray.tune.tune").addFilter(without_restore_hint)     # main prints the command to resume
+    results = build_tuner(spec, pools, options).fit()
+    if not sweep_complete(options.output / EXPERIMENT_DIR, spec.trial_count()):
+        raise KeyboardInterrupt         # Tune stopped on Ctrl-C (SIGINT) and saved its state; --resume continues
+    runs = find_sweep(options.tracking_uri, options.experiment, str(options.output))
+    summary = build_summary(spec, results, runs, options)
+    summary["svd_prefill"] = prefill
+    write_json(summary, options.output / SUMMARY_FILE)
+    return summary

@@ -1,0 +1,131 @@
+"""A sweep's record in `--output`: where its parts live, what it fixed when it started (sweep.json), and the checks
+that `--resume` and `--overwrite` make before anything starts or is written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smile_ray.errors import SmileError
+from smile_ray.files import write_json
+from smile_ray.spec import SweepSpec, apply_overrides, first_difference, parse_space
+
+
+SUMMARY_FILE = "summary.json"
+
+
+EXPERIMENT_DIR = "tune"
+
+
+SVD_CACHE_DIR = "svd_cache"
+
+
+SWEEP_FILE = "sweep.json"
+
+
+REPORTS_DIR = "reports"
+
+
+@dataclass
+class SweepOptions:
+    output: Path
+    tracking_uri: str
+    experiment: str
+    address: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    resource_wait_s: float | None = None     # None: DEFAULT_RESOURCE_WAIT_S on an --address cluster, 0 locally
+    verbose: int = 1
+
+
+def read_record(output: Path) -> dict[str, Any]:
+    """sweep.json: what a sweep fixed when it started (tracking store, experiment, space) and, once its SVD prefill
+    has finished, what the prefill computed. Empty when there is none."""
+    record = output / SWEEP_FILE
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def sweep_record(options: SweepOptions, spec: SweepSpec) -> dict[str, Any]:
+    """Write sweep.json for a sweep that starts: its tracking store, experiment, space and place, which a
+    `--resume` keeps; returns what it wrote."""
+    record = {"tracking_uri": options.tracking_uri, "experiment": options.experiment, "space_name": spec.name,
+              "space": space_text(spec), "output": str(options.output)}
+    write_json(record, options.output / SWEEP_FILE)
+    return record
+
+
+def space_text(spec: SweepSpec) -> str:
+    """The space as given (after --set), as YAML: what sweep.json keeps (any YAML value survives, dates and .nan
+    included) and what --resume compares."""
+    return yaml.safe_dump(spec.document, sort_keys=False)
+
+
+def resume_space(output: Path, overrides: list[str]) -> SweepSpec | None:
+    """On `--resume` without `--space`: the space the sweep in `output` started with (then `--set`); None for no
+    sweep there (or one from a version that did not record it)."""
+    record = read_record(output)
+    if not isinstance(record.get("space"), str):
+        return None
+    return parse_space(apply_overrides(yaml.safe_load(record["space"]), overrides), record["space_name"])
+
+
+def resumable_record(spec: SweepSpec, output: Path) -> dict[str, Any]:
+    """sweep.json of the sweep in `output`, which `--resume` continues, after checking that there is one, that it
+    was started there and with this space (else Tune would restore the old trials and silently ignore what
+    changed)."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)):
+        raise SmileError(f"--resume: no sweep to resume in {output / EXPERIMENT_DIR}")
+    record = read_record(output)
+    started_in = record.get("output")
+    if started_in is not None and Path(started_in).resolve() != output.resolve():
+        raise SmileError(f"--resume: the sweep in {output} was started in {started_in} and copied or moved since; its "
+                         f"MLflow records and Tune state point there: resume it there")
+    stored = record.get("space")
+    if isinstance(stored, str) and stored != space_text(spec):
+        changed = first_difference(yaml.safe_load(stored), spec.document) or "a value"
+        raise SmileError(f"--resume: the space differs at {changed} from the one the sweep in {output} started with; "
+                         f"leave out --space and --set to resume it as it was, or start a new --output")
+    return record
+
+
+def check_output(output: Path) -> None:
+    """--output can be created and written, checked without creating it (nothing is written before every check
+    has passed)."""
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise SmileError(f"--output {output}: cannot create ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SmileError(f"--output {output}: not writable ({existing})")
+
+
+SWEEP_PARTS = (EXPERIMENT_DIR, REPORTS_DIR, SWEEP_FILE, SUMMARY_FILE)     # what --overwrite removes (not the cache)
+
+
+def refuse_existing_sweep(output: Path, overwrite: bool) -> None:
+    """A new sweep does not silently replace the one in --output: that one is continued with --resume, or started
+    over with --overwrite."""
+    if overwrite or not any((output / part).exists() for part in SWEEP_PARTS):
+        return
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(min((output / p).stat().st_mtime for p in SWEEP_PARTS
+                                                                 if (output / p).exists())))
+    raise SmileError(f"--output {output} holds a sweep already (started {started}): continue it with --resume, "
+                     f"start it over with --overwrite, or choose another --output")
+
+
+def clear_sweep(output: Path) -> None:
+    """--overwrite: remove the previous sweep's Tune state, reports, record and summary (the SVD cache and the
+    MLflow store stay; the previous sweep's MLflow runs are deleted when the new one starts)."""
+    for part in SWEEP_PARTS:
+        path = output / part
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
