@@ -1,0 +1,83 @@
+"""The contract every registered model-pool and task-pool kind keeps, checked on tiny fixtures of each: its section
+is validated without torch, its sources and experts are named up front, and what it loads behaves as the sweep
+and `smile_ray.run` expect. A kind registered without a fixture here fails the test."""
+import json
+import subprocess
+import sys
+
+import pytest
+from torch import nn
+
+from smile_ray.errors import SmileError
+from smile_ray.kinds import (ModelPoolConfig, TaskPoolConfig, TaskScores, model_pool_kinds, parse_pool,
+                             task_pool_kinds)
+from smile_ray.sources import Source
+
+
+def model_sections(bench, cache) -> dict:
+    """kind → a tiny model_pool section."""
+    return {"clip_vision": {"kind": "clip_vision", "base": str(bench.clip_dir),
+                            "experts": {name: str(bench.experts[name]) for name in ("digit", "parity")}},
+            "embedded": {"kind": "embedded", "scale": "tiny", "cache_dir": str(cache)}}
+
+
+def task_sections(bench, cache) -> dict:
+    """kind → a tiny task_pool section (and the model-pool kind it is paired with)."""
+    task = bench.tasks[0]
+    return {"clip_zero_shot": ({"kind": "clip_zero_shot", "max_samples": 8, "batch_size": 4,
+                                "tasks": [{"name": task.name, "dataset": task.dataset, "classnames": task.classnames,
+                                           "templates": task.templates}]}, "clip_vision"),
+            "embedded": ({"kind": "embedded", "max_samples": 8, "tasks": ["digit", "word"]}, "embedded")}
+
+
+def test_every_registered_kind_has_a_fixture_here(tiny_bench, tiny_cache):
+    assert set(model_sections(tiny_bench, tiny_cache)) == set(model_pool_kinds())
+    assert set(task_sections(tiny_bench, tiny_cache)) == set(task_pool_kinds())
+
+
+@pytest.mark.parametrize("kind", sorted(model_pool_kinds()))
+def test_model_pool_kind_contract(kind, tiny_bench, tiny_cache):
+    section = model_sections(tiny_bench, tiny_cache)[kind]
+    config = parse_pool(section, "model_pool")
+    assert isinstance(config, ModelPoolConfig) and config.kind == kind
+    names = config.expert_names()
+    assert names and all(isinstance(name, str) for name in names)
+    assert all(isinstance(source, Source) and source.field.startswith("model_pool") for source in config.sources())
+    with pytest.raises(SmileError, match=r"^model_pool\.colour: unknown key"):
+        parse_pool({**section, "colour": "red"}, "model_pool")
+    pool = config.load()
+    assert list(pool.expert_names) == names
+    base, expert = pool.load_base(), pool.load_expert(names[0])
+    assert isinstance(base, nn.Module)
+    assert [n for n, _ in base.named_parameters()] == [n for n, _ in expert.named_parameters()]
+
+
+@pytest.mark.parametrize("kind", sorted(task_pool_kinds()))
+def test_task_pool_kind_contract(kind, tiny_bench, tiny_cache):
+    section, model_kind = task_sections(tiny_bench, tiny_cache)[kind]
+    models = parse_pool(model_sections(tiny_bench, tiny_cache)[model_kind], "model_pool")
+    config = parse_pool(section, "task_pool").with_models(models)
+    assert isinstance(config, TaskPoolConfig) and config.kind == kind
+    scores = config.scores()
+    assert scores and all(isinstance(s, TaskScores) and s.primary in s.names for s in scores.values())
+    assert all(source.field.startswith("task_pool") for source in config.sources())
+    with pytest.raises(SmileError, match=r"^task_pool\.colour: unknown key"):
+        parse_pool({**section, "colour": "red"}, "task_pool")
+    model_pool = models.load()
+    tasks = config.load(model_pool)
+    results = tasks.evaluate(model_pool.load_base())
+    for task, declared in scores.items():                  # every task reports what its kind declares
+        assert set(declared.names) <= set(results[task]), (task, results[task])
+
+
+def test_every_section_is_validated_without_torch(tiny_bench, tiny_cache):
+    sections = [*(("model_pool", s) for s in model_sections(tiny_bench, tiny_cache).values()),
+                *(("task_pool", s) for s, _ in task_sections(tiny_bench, tiny_cache).values())]
+    code = ("import json, sys\nfrom smile_ray.kinds import parse_pool\n"
+            f"for path, section in json.loads({json.dumps(json.dumps(sections))}):\n"
+            "    config = parse_pool(section, path)\n"
+            "    config.sources()\n"
+            "heavy = sorted({'torch', 'transformers', 'datasets'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
