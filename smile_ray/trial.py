@@ -6,6 +6,8 @@ knows nothing about command lines, Ray or MLflow. A configuration is a mapping:
     model_pool: {kind: embedded}                       or {kind: clip_vision, base: ID|DIR, experts: {name: ID|DIR}}
     task_pool:  {kind: embedded, max_samples: 64}      or {kind: clip_zero_shot, tasks: [sun397, …], batch_size: 128}
     method:     {name: smile, gate_k: 16, k: 32, top_k: 1}
+
+(any registered kind: smile_ray.kinds).
 """
 from __future__ import annotations
 
@@ -19,13 +21,11 @@ import torch
 
 from smile_ray.errors import SmileError
 from smile_ray.methods import get_method
-from smile_ray.kinds import ModelPoolConfig, TaskPoolConfig, TaskScores
-from smile_ray.pools.clip_vision import ClipVisionPool
+from smile_ray.kinds import ModelPool, ModelPoolConfig, TaskPool, TaskPoolConfig, TaskScores
 from smile_ray.report import average_metrics, build_report, task_names
 from smile_ray.smile import SvdCache, parameter_report
 from smile_ray.smile.checkpoint import save_model
 from smile_ray.spec import checked_pools
-from smile_ray.tasks.clip_zero_shot import ClipZeroShotTaskPool
 
 TaskDone = Callable[[str, dict, dict], None]
 
@@ -34,8 +34,8 @@ TaskDone = Callable[[str, dict, dict], None]
 class Pools:
     """The loaded-once part of a configuration: where the models are, the evaluator, and what each task reports."""
 
-    models: ClipVisionPool
-    tasks: ClipZeroShotTaskPool
+    models: ModelPool
+    tasks: TaskPool
     scores: dict[str, TaskScores]
 
     @property

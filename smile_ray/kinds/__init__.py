@@ -24,7 +24,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from smile_ray.errors import SmileError
 from smile_ray.sources import Source
@@ -118,6 +118,28 @@ class TaskPoolConfig(PoolConfig):
     def with_models(self, models: ModelPoolConfig) -> TaskPoolConfig:
         """This pool as it pairs with `models`."""
         return self
+
+
+class ModelPool(Protocol):
+    """What a model-pool kind's loader returns."""
+
+    expert_names: list[str]
+
+    def load_base(self) -> Any: ...
+
+    def load_expert(self, name: str) -> Any: ...
+
+
+class TaskPool(Protocol):
+    """What a task-pool kind's loader returns. `evaluate` returns {task: {metric: value}} for every task (and may
+    add an "average"), calling on_task_done(task, metrics, results so far) after each."""
+
+    tasks: Sequence[Any]
+    device: Any
+
+    def prepare(self) -> None: ...
+
+    def evaluate(self, model: Any, *, on_task_done: Callable[[str, dict, dict], None] | None = None) -> dict: ...
 
 
 MODEL_POOLS: dict[str, type[ModelPoolConfig]] = {}
