@@ -166,3 +166,26 @@ def test_router_from_weights_is_cached_separately(tmp_path):
     upscale(base, experts, gate_k=2, k=2, svd_cache=tmp_path)
     by_weight = upscale(base, experts, gate_k=2, k=2, routing_use_diff=False, svd_cache=tmp_path)
     assert by_weight.smile_info.svd_computed == 4 and by_weight.smile_info.svd_cache_hits == 4
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_a_layer_where_only_biases_changed_stays_pretrained_and_is_never_nan(top_k):
+    base, experts = make_net_pool()
+    for expert in experts:                       # weights back to the base's: only the mlp biases differ
+        expert.mlp.weight.data.copy_(base.mlp.weight)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) where only biases changed stay pretrained.*first: mlp"):
+        model = upscale(base, experts, gate_k=2, k=3, top_k=top_k)
+    assert type(model.mlp) is nn.Linear and torch.equal(model.mlp.bias, base.mlp.bias)
+    assert model.smile_info.skipped_layers == ["mlp"] and model.smile_info.dropped_bias_layers == ["mlp"]
+    out = model(torch.arange(10).view(2, 5))
+    assert torch.isfinite(out).all()
+
+
+def test_an_expert_whose_weight_did_not_change_is_never_routed_and_never_nan():
+    base, experts = make_net_pool()
+    experts[1].mlp.weight.data.copy_(base.mlp.weight)        # expert 1: only its bias changed here
+    model = upscale(base, experts, gate_k=2, k=3, top_k=3)
+    assert model.mlp.routable.tolist() == [True, False, True]
+    weights, chosen = model.mlp.route(torch.randn(7, 12))
+    assert torch.isfinite(weights).all() and torch.allclose(weights.sum(-1), torch.ones(7))
+    assert (weights[chosen == 1] == 0).all()                 # chosen only as the third of three, with weight 0

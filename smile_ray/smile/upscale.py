@@ -29,7 +29,8 @@ class UpscaleInfo:
     """What one upscale did; attached to the returned model as `smile_info`."""
 
     upscaled_layers: list[str] = field(default_factory=list)
-    skipped_layers: list[str] = field(default_factory=list)   # every task vector zero: kept as the base layer
+    skipped_layers: list[str] = field(default_factory=list)   # every weight's task vector zero: the base layer
+    dropped_bias_layers: list[str] = field(default_factory=list)   # skipped, though some expert's bias changed
     clamped_layers: list[str] = field(default_factory=list)   # gate_k or k above min(m, n)
     svd_computed: int = 0
     svd_cache_hits: int = 0
@@ -141,6 +142,10 @@ def upscale(base: nn.Module, experts: Experts, *, gate_k: int, k: int, top_k: in
         warnings.warn(f"{', '.join(over)} {'exceeds' if len(over) == 1 else 'exceed'} min(in, out) of "
                       f"{len(info.clamped_layers)} layer(s) "
                       f"(first: {info.clamped_layers[0]}); clamped to the layer's full rank", stacklevel=2)
+    if info.dropped_bias_layers:
+        warnings.warn(f"{len(info.dropped_bias_layers)} layer(s) where only biases changed stay pretrained, their bias "
+                      f"changes dropped (first: {info.dropped_bias_layers[0]}): a router needs a weight's task vector",
+                      stacklevel=2)
     info.count_svds(decomposer.stats)
     model.smile_info = info
     return model
@@ -163,8 +168,10 @@ def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_nam
     deltas = [e.weight.detach().float() - w0 for e in experts]
     bias_deltas = [None if base.bias is None else e.bias.detach().float() - base.bias.detach().float() for e in experts]
     routable = [not is_zero(d) for d in deltas]
-    if not any(routable) and all(is_zero(b) for b in bias_deltas):
+    if not any(routable):       # no expert's weight changed: nothing to route by (the reference skips it too)
         info.skipped_layers.append(name)
+        if not all(is_zero(b) for b in bias_deltas):
+            info.dropped_bias_layers.append(name)
         return None
 
     out_features, in_features = w0.shape
