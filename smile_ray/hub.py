@@ -101,14 +101,19 @@ def quiet_transformers() -> None:
 
 # what a local directory of each kind holds: a file that save_pretrained / save_to_disk always writes
 LOCAL_MARKERS = {"model": (("config.json",), "a save_pretrained directory"),
+                 "model or adapter": (("config.json", "adapter_config.json"),
+                                      "a save_pretrained directory or a PEFT adapter directory"),
+                 "tokenizer": (("tokenizer.json", "tokenizer_config.json", "spiece.model"), "a tokenizer directory"),
                  "dataset": (("dataset_dict.json", "state.json"), "a datasets save_to_disk directory")}
 
 
-def check_source(source: str, *, field: str, repo_type: str = "model", revision: str | None = None) -> None:
+def check_source(source: str, *, field: str, repo_type: str = "model", revision: str | None = None,
+                 local_kind: str | None = None) -> None:
     """Fail fast, before any heavy work, when `source` is neither a local directory nor fetchable from the Hub
-    (or already in the local Hugging Face cache when the Hub cannot be reached)."""
+    (or already in the local Hugging Face cache when the Hub cannot be reached). A local directory must hold what
+    a directory of `local_kind` (default: repo_type) always holds (LOCAL_MARKERS)."""
     if os.path.isdir(source):
-        markers, what = LOCAL_MARKERS[repo_type]
+        markers, what = LOCAL_MARKERS[local_kind or repo_type]
         if not any(os.path.isfile(os.path.join(source, name)) for name in markers):
             raise SmileError(f"{field}: {source!r} is not {what} (no {' or '.join(markers)})")
         return
@@ -120,6 +125,19 @@ def check_source(source: str, *, field: str, repo_type: str = "model", revision:
     if state != "ok" and not _in_local_cache(source, repo_type, revision):
         raise SmileError(f"{field}: {source!r} cannot be fetched ({reason}) and is not in the local Hugging Face "
                          "cache")
+
+
+def hub_has_file(repo_id: str, filename: str, *, revision: str | None = None) -> bool:
+    """Whether the hub repo holds `filename`: the local cache is asked first, the Hub only when it can be reached."""
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(cached, str):
+        return True
+    if huggingface_hub.is_offline_mode():
+        return False
+    try:
+        return huggingface_hub.file_exists(repo_id, filename, revision=revision)
+    except Exception:  # an unreachable Hub: the loader will say so in its own line
+        return False
 
 
 def _in_local_cache(repo_id: str, repo_type: str, revision: str | None) -> bool:

@@ -23,6 +23,8 @@ SAFETENSORS_FILE = "model.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_HEADER_BYTES = 100 << 20          # safetensors' own limit on the JSON header
 
+Shapes = dict[str, tuple[str, list[int]]]      # weight name → (dtype, shape), from a safetensors header
+
 
 @dataclass(frozen=True)
 class Source:
@@ -32,8 +34,16 @@ class Source:
     location: str                                # a hub id or a local directory
     repo_type: str = "model"                     # "model" or "dataset"
     revision: str | None = None
-    model_types: tuple[str, ...] = ()            # accepted config.json model_type values (models; empty: any)
-    role: str = ""                               # "base" or "expert": experts must have the base's shapes
+    model_types: tuple[str, ...] = ()            # accepted config.json model_type values (empty: the base's)
+    role: str = ""                               # "base", "expert" (the base's architecture and shapes), "tokenizer"
+    adapter: bool = False                        # an expert may be a PEFT adapter directory for the base
+
+    @property
+    def local_kind(self) -> str:
+        """What a local directory of this source must be (hub.LOCAL_MARKERS)."""
+        if self.role == "tokenizer" or self.repo_type == "dataset":
+            return "tokenizer" if self.role == "tokenizer" else "dataset"
+        return "model or adapter" if self.adapter else "model"
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -101,21 +111,62 @@ def model_type(directory: Path) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else None
 
 
-def check_local_model(source: Source) -> dict[str, tuple[str, list[int]]]:
-    """A local save_pretrained directory of an accepted architecture whose safetensors are whole; returns the
-    shapes of its weights (empty for a pickle-only checkpoint)."""
+def check_local_model(source: Source, base_type: str | None = None) -> tuple[str | None, Shapes]:
+    """A local save_pretrained directory of an accepted architecture (`source.model_types`, else `base_type`) whose
+    safetensors are whole; returns its model_type and the shapes of its weights (none for a pickle checkpoint)."""
     directory = Path(source.location)
+    accepted = source.model_types or ((base_type,) if base_type else ())
     try:
         kind = model_type(directory)
-        if source.model_types and kind not in source.model_types:
+        if accepted and kind not in accepted:
             raise SmileError(f"{source.location!r} holds a {kind or 'model without a model_type'} model, not "
-                             f"{' or '.join(source.model_types)}")
+                             f"{' or '.join(accepted)}{' like the base model' if not source.model_types else ''}")
         shapes: dict[str, tuple[str, list[int]]] = {}
         for path in weight_files(directory):
             shapes.update(safetensors_shapes(path))
     except SmileError as error:
         raise SmileError(f"{source.field}: {error}") from None
-    return shapes
+    return kind, shapes
+
+
+def same_model(name: str, location: str) -> bool:
+    """Whether an adapter's `base_model_name_or_path` names the pool's base: the same hub id or path, or a local copy
+    under the same last name (`/data/flan-t5-base` for `google/flan-t5-base`)."""
+    name, location = name.rstrip("/"), location.rstrip("/")
+    return (name == location or Path(name).name == Path(location).name
+            or (os.path.exists(name) and os.path.exists(location) and os.path.samefile(name, location)))
+
+
+def check_adapter(source: Source, base: Source | None, base_shapes: Shapes | None) -> None:
+    """A PEFT adapter directory made for the base model: its `base_model_name_or_path` names the base, and every
+    layer it targets exists in the base with the input and output sizes of its low-rank factors."""
+    directory = Path(source.location)
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise SmileError(f"{source.field}: {directory / 'adapter_config.json'} is not JSON") from None
+    named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if base is not None and named and not same_model(str(named), base.location):
+        raise SmileError(f"{source.field}: the adapter in {source.location!r} was made for {named!r}, not the pool's "
+                         f"base {base.location!r}")
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file() or not base_shapes:
+        return
+    try:
+        shapes = safetensors_shapes(weights)
+    except SmileError as error:
+        raise SmileError(f"{source.field}: {error}") from None
+    for key, (_, shape) in shapes.items():
+        for factor, axis in ((".lora_A.", 1), (".lora_B.", 0)):          # A: (r, in), B: (out, r)
+            if factor not in key:
+                continue
+            layer = key.removeprefix("base_model.model.").split(factor)[0]
+            target = base_shapes.get(f"{layer}.weight")
+            if target is None:
+                raise SmileError(f"{source.field}: the adapter targets {layer}, which the base model does not have")
+            if len(shape) != 2 or len(target[1]) != 2 or shape[axis] != target[1][1 - axis]:
+                raise SmileError(f"{source.field}: the adapter's {key} has shape {shape}, which does not fit "
+                                 f"{layer} of the base model, shape {target[1]}")
 
 
 def common_names(base: Mapping[str, object], expert: Mapping[str, object]) -> dict[str, str]:
@@ -150,27 +201,35 @@ def shape_mismatch(base: dict[str, tuple[str, list[int]]], expert: dict[str, tup
 
 
 def check_sources(sources: Sequence[Source]) -> None:
-    """Every source is a local directory of its kind or fetchable from the Hub, and every expert has the base's
-    shapes: one SmileError naming the first that is not, and which others are not either (every local one is
-    checked; the Hub is asked until its first refusal, since an unreachable Hub would make each further question
-    wait for its timeout)."""
+    """Every source is a local directory of its kind or fetchable from the Hub, every expert has the base's
+    architecture and shapes (an adapter: was made for the base and fits it), every tokenizer directory holds one:
+    one SmileError naming the first that is not, and which others are not either (every local one is checked; the
+    Hub is asked until its first refusal, since an unreachable Hub would make each further question wait for its
+    timeout)."""
     from smile_ray.hub import check_source, is_hub_id
 
     problems: list[SmileError] = []
     fields: list[str] = []
-    base_shapes: dict[str, tuple[str, list[int]]] | None = None
+    base: Source | None = None
+    base_type: str | None = None
+    base_shapes: Shapes | None = None
     for source in sources:
         try:
-            check_source(source.location, field=source.field, repo_type=source.repo_type, revision=source.revision)
-            if source.repo_type == "model" and os.path.isdir(source.location):
-                shapes = check_local_model(source)
-                if source.role == "base":
-                    base_shapes = shapes
-                elif source.role == "expert" and base_shapes is not None:
-                    mismatch = shape_mismatch(base_shapes, shapes)
-                    if mismatch:
-                        raise SmileError(f"{source.field}: {source.location!r} does not fit the base model: "
-                                         f"{mismatch}")
+            check_source(source.location, field=source.field, repo_type=source.repo_type, revision=source.revision,
+                         local_kind=source.local_kind)
+            local = os.path.isdir(source.location)
+            if not local or source.repo_type != "model" or source.role == "tokenizer":
+                continue
+            if source.adapter and (Path(source.location) / "adapter_config.json").is_file():
+                check_adapter(source, base, base_shapes)
+                continue
+            kind, shapes = check_local_model(source, base_type if source.role == "expert" else None)
+            if source.role == "base":
+                base, base_type, base_shapes = source, kind, shapes
+            elif source.role == "expert" and base_shapes is not None:
+                mismatch = shape_mismatch(base_shapes, shapes)
+                if mismatch:
+                    raise SmileError(f"{source.field}: {source.location!r} does not fit the base model: {mismatch}")
         except SmileError as error:
             problems.append(error)
             fields.append(source.field)

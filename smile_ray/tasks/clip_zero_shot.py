@@ -11,7 +11,6 @@ rescale and normalise run per batch on the evaluation device.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, PretrainedConfig
 
 from smile_ray.errors import SmileError
-from smile_ray.hub import is_hub_id, load_pretrained, probe_repo, short_reason
+from smile_ray.hub import load_pretrained
 from smile_ray.report import average_metrics
+from smile_ray.tasks.splits import load_split
 from smile_ray.tasks.ta8 import ta8_tasks
 
 if TYPE_CHECKING:
@@ -92,41 +92,11 @@ def zero_shot_logits(clip_model, vision_model, pixel_values: torch.Tensor, head:
 
 
 def load_task_dataset(task: ClipTask, *, max_samples: int | None = None) -> datasets.Dataset:
-    """The task's split with only its image and label columns, cut to the first `max_samples` rows.
-
-    `task.dataset` is a directory written by `save_to_disk` (a `DatasetDict`, from which `task.split` is taken,
-    or a `Dataset`, used as is) or a hub id loaded with `datasets.load_dataset(id, task.dataset_config)`.
-    """
+    """The task's split with only its image and label columns, cut to the first `max_samples` rows (`task.dataset`:
+    a `save_to_disk` directory or a hub id loaded with `task.dataset_config`)."""
     where = f"task {task.name}: dataset {task.dataset!r}"
-    if os.path.isdir(task.dataset):
-        try:
-            loaded = datasets.load_from_disk(task.dataset)
-        except Exception as exc:  # a loader boundary: report every failure in one line
-            raise SmileError(f"{where}: cannot load ({short_reason(exc)})") from exc
-        if isinstance(loaded, datasets.DatasetDict):
-            if task.split not in loaded:
-                raise SmileError(f"{where}: no split {task.split!r} (splits: {', '.join(loaded)})")
-            loaded = loaded[task.split]
-    elif is_hub_id(task.dataset):
-        loaded = _load_hub_dataset(task, where)
-    else:
-        raise SmileError(f"{where}: no such directory")
+    loaded = load_split(task.dataset, split=task.split, config=task.dataset_config, where=where)
     return _checked(loaded, task, where, max_samples)
-
-
-def _load_hub_dataset(task: ClipTask, where: str) -> datasets.Dataset:
-    state, reason = probe_repo(task.dataset, repo_type="dataset")
-    if state == "missing":
-        raise SmileError(f"{where}: {reason}")
-    if state == "unreachable":
-        raise SmileError(f"{where}: {reason}; set HF_HUB_OFFLINE=1 to load it from the local cache")
-    config = f" (config {task.dataset_config!r})" if task.dataset_config else ""
-    try:
-        return datasets.load_dataset(task.dataset, task.dataset_config, split=task.split)
-    except Exception as exc:  # a loader boundary: unknown split/config, missing from the offline cache, ...
-        offline = state == "offline" and isinstance(exc, ConnectionError)
-        why = f"{reason}; not in the local Hugging Face cache" if offline else short_reason(exc)
-        raise SmileError(f"{where}{config}: cannot load split {task.split!r} ({why})") from exc
 
 
 def _checked(ds: datasets.Dataset, task: ClipTask, where: str, max_samples: int | None) -> datasets.Dataset:

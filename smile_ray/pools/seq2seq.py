@@ -1,0 +1,77 @@
+"""A pool of encoder-decoder models: the pretrained base and named experts, fully fine-tuned or PEFT adapters merged
+into the base on load (smile_ray.kinds.seq2seq names `load_pool`)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from smile_ray.errors import SmileError
+from smile_ray.hub import hub_has_file, load_pretrained
+from smile_ray.kinds.seq2seq import Seq2SeqConfig
+
+
+class Seq2SeqPool:
+    """`AutoModelForSeq2SeqLM`s from hub ids or directories; an expert that is a PEFT adapter is loaded on a fresh
+    copy of the base and merged (`merge_and_unload`), as FusionBench's LoRA pools do."""
+
+    def __init__(self, config: Seq2SeqConfig) -> None:
+        self.config = config
+        self.expert_names = list(config.experts)
+        self.torch_dtype = getattr(torch, config.dtype)
+
+    @property
+    def base(self) -> str:
+        return self.config.base
+
+    @property
+    def revision(self) -> str | None:
+        return self.config.revision
+
+    def load_base(self) -> torch.nn.Module:
+        return load_seq2seq(self.config.base, field="model_pool.base", dtype=self.torch_dtype,
+                            revision=self.config.revision)
+
+    def is_adapter(self, name: str) -> bool:
+        source = self.config.experts[name]
+        if os.path.isdir(source):
+            return os.path.isfile(os.path.join(source, "adapter_config.json"))
+        return hub_has_file(source, "adapter_config.json", revision=self.config.revision)
+
+    def load_expert(self, name: str) -> torch.nn.Module:
+        if name not in self.config.experts:
+            raise SmileError(f"model_pool.experts: no expert {name!r} (have: {', '.join(self.expert_names)})")
+        field, source = f"model_pool.experts.{name}", self.config.experts[name]
+        if not self.is_adapter(name):
+            return load_seq2seq(source, field=field, dtype=self.torch_dtype, revision=self.config.revision)
+        from peft import PeftModel
+
+        def merged(adapter: str, **hub_kwargs) -> torch.nn.Module:
+            base = load_seq2seq(self.config.base, field="model_pool.base", dtype=torch.float32,
+                                revision=self.config.revision)
+            model = PeftModel.from_pretrained(base, adapter, **hub_kwargs).merge_and_unload()
+            return model.to(self.torch_dtype).eval()
+
+        return load_pretrained(merged, source, field=field, revision=self.config.revision)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        source = self.config.tokenizer or self.config.base
+        return load_pretrained(AutoTokenizer.from_pretrained, source,
+                               field="model_pool.tokenizer" if self.config.tokenizer else "model_pool.base",
+                               revision=self.config.revision)
+
+
+def load_seq2seq(source: str, *, field: str, dtype: torch.dtype, revision: str | None) -> torch.nn.Module:
+    """An `AutoModelForSeq2SeqLM` from a hub id or a directory, in eval mode; one-line SmileError naming `field`."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    def load(source: str, **kwargs) -> torch.nn.Module:
+        return AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs).eval()
+
+    return load_pretrained(load, source, field=field, revision=revision, dtype=dtype)
+
+
+def load_pool(config: Seq2SeqConfig) -> Seq2SeqPool:
+    return Seq2SeqPool(config)
