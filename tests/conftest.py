@@ -28,6 +28,14 @@ def tiny_bench(tiny_cache):
     return build_embedded(tiny_cache, scale="tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_text_bench(tiny_cache):
+    """The embedded text benchmark at its tiny scale (a T5 of 1 + 1 layers; about 10 s to build), in the same cache."""
+    from smile_ray.embedded.text_build import build_text_benchmark
+
+    return build_text_benchmark(tiny_cache, scale="tiny")
+
+
 @pytest.fixture
 def tiny_config(tiny_cache):
     """A run configuration on the tiny embedded benchmark."""

@@ -14,30 +14,44 @@ from smile_ray.kinds import (ModelPoolConfig, TaskPoolConfig, TaskScores, model_
 from smile_ray.sources import Source
 
 
-def model_sections(bench, cache) -> dict:
+@pytest.fixture(scope="module")
+def benches(tiny_bench, tiny_text_bench, tiny_cache):
+    return tiny_bench, tiny_text_bench, tiny_cache
+
+
+def model_sections(benches) -> dict:
     """kind → a tiny model_pool section."""
+    bench, text, cache = benches
     return {"clip_vision": {"kind": "clip_vision", "base": str(bench.clip_dir),
                             "experts": {name: str(bench.experts[name]) for name in ("digit", "parity")}},
-            "embedded": {"kind": "embedded", "scale": "tiny", "cache_dir": str(cache)}}
+            "embedded": {"kind": "embedded", "scale": "tiny", "cache_dir": str(cache)},
+            "seq2seq": {"kind": "seq2seq", "base": str(text.base_dir),          # a full expert and a LoRA adapter
+                        "experts": {"cola": str(text.experts["cola"]), "rte": str(text.lora["rte"])}},
+            "embedded_t5": {"kind": "embedded_t5", "experts": "lora", "scale": "tiny", "cache_dir": str(cache)}}
 
 
-def task_sections(bench, cache) -> dict:
+def task_sections(benches) -> dict:
     """kind → a tiny task_pool section (and the model-pool kind it is paired with)."""
+    bench, text, _ = benches
     task = bench.tasks[0]
     return {"clip_zero_shot": ({"kind": "clip_zero_shot", "max_samples": 8, "batch_size": 4,
                                 "tasks": [{"name": task.name, "dataset": task.dataset, "classnames": task.classnames,
                                            "templates": task.templates}]}, "clip_vision"),
-            "embedded": ({"kind": "embedded", "max_samples": 8, "tasks": ["digit", "word"]}, "embedded")}
+            "embedded": ({"kind": "embedded", "max_samples": 8, "tasks": ["digit", "word"]}, "embedded"),
+            "glue_text_generation": ({"kind": "glue_text_generation", "max_samples": 8,
+                                      "tasks": [{"name": "cola", "dataset": str(text.data["cola"])},
+                                                {"name": "stsb", "dataset": str(text.data["stsb"])}]}, "seq2seq"),
+            "embedded_glue": ({"kind": "embedded_glue", "max_samples": 8, "tasks": ["rte", "stsb"]}, "embedded_t5")}
 
 
-def test_every_registered_kind_has_a_fixture_here(tiny_bench, tiny_cache):
-    assert set(model_sections(tiny_bench, tiny_cache)) == set(model_pool_kinds())
-    assert set(task_sections(tiny_bench, tiny_cache)) == set(task_pool_kinds())
+def test_every_registered_kind_has_a_fixture_here(benches):
+    assert set(model_sections(benches)) == set(model_pool_kinds())
+    assert set(task_sections(benches)) == set(task_pool_kinds())
 
 
 @pytest.mark.parametrize("kind", sorted(model_pool_kinds()))
-def test_model_pool_kind_contract(kind, tiny_bench, tiny_cache):
-    section = model_sections(tiny_bench, tiny_cache)[kind]
+def test_model_pool_kind_contract(kind, benches):
+    section = model_sections(benches)[kind]
     config = parse_pool(section, "model_pool")
     assert isinstance(config, ModelPoolConfig) and config.kind == kind
     names = config.expert_names()
@@ -53,9 +67,9 @@ def test_model_pool_kind_contract(kind, tiny_bench, tiny_cache):
 
 
 @pytest.mark.parametrize("kind", sorted(task_pool_kinds()))
-def test_task_pool_kind_contract(kind, tiny_bench, tiny_cache):
-    section, model_kind = task_sections(tiny_bench, tiny_cache)[kind]
-    models = parse_pool(model_sections(tiny_bench, tiny_cache)[model_kind], "model_pool")
+def test_task_pool_kind_contract(kind, benches):
+    section, model_kind = task_sections(benches)[kind]
+    models = parse_pool(model_sections(benches)[model_kind], "model_pool")
     config = parse_pool(section, "task_pool").with_models(models)
     assert isinstance(config, TaskPoolConfig) and config.kind == kind
     scores = config.scores()
@@ -70,9 +84,9 @@ def test_task_pool_kind_contract(kind, tiny_bench, tiny_cache):
         assert set(declared.names) <= set(results[task]), (task, results[task])
 
 
-def test_every_section_is_validated_without_torch(tiny_bench, tiny_cache):
-    sections = [*(("model_pool", s) for s in model_sections(tiny_bench, tiny_cache).values()),
-                *(("task_pool", s) for s, _ in task_sections(tiny_bench, tiny_cache).values())]
+def test_every_section_is_validated_without_torch(benches):
+    sections = [*(("model_pool", s) for s in model_sections(benches).values()),
+                *(("task_pool", s) for s, _ in task_sections(benches).values())]
     code = ("import json, sys\nfrom smile_ray.kinds import parse_pool\n"
             f"for path, section in json.loads({json.dumps(json.dumps(sections))}):\n"
             "    config = parse_pool(section, path)\n"

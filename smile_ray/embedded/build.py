@@ -13,17 +13,11 @@ place under a file lock, so readers never see half a build and concurrent builde
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import json
-import os
-import secrets
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +33,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import (AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel,
                           CLIPVisionModel, PreTrainedTokenizerFast)
 
+from smile_ray.embedded.cache import build_environment, cached_build, default_cache_dir
 from smile_ray.errors import SmileError
 from smile_ray.embedded.recipe import (PRETRAIN_BACKGROUND, PRETRAIN_FOREGROUND, RECIPES, RGB, TASKS, Recipe,
                                        TaskSpec)
@@ -56,12 +51,6 @@ class EmbeddedBenchmark:
     clip_dir: Path
     experts: dict[str, Path]  # task name → CLIPVisionModel directory, in task order
     tasks: list[ClipTask]
-
-
-def default_cache_dir() -> Path:
-    """`$SMILE_RAY_CACHE/embedded` if set, else `~/.cache/smile_ray/embedded`."""
-    base = os.environ.get("SMILE_RAY_CACHE")
-    return Path(base) / "embedded" if base else Path.home() / ".cache" / "smile_ray" / "embedded"
 
 
 def recipe_for(scale: str) -> Recipe:
@@ -97,28 +86,7 @@ def build_embedded(cache_dir: str | Path | None = None, *, scale: str = "full",
                    force: bool = False) -> EmbeddedBenchmark:
     """Return the benchmark of `scale`, building it first unless a finished build is cached (or `force`)."""
     root = benchmark_dir(cache_dir, scale)
-    if root.is_dir() and not force:
-        return describe(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root.parent / f".{root.name}.lock"):
-        if root.is_dir() and not force:  # another process finished it while we waited
-            return describe(root)
-        for stale in [*root.parent.glob(f".{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a builder that died holding this lock
-        token = f"{os.getpid()}-{secrets.token_hex(4)}"
-        tmp = root.parent / f".{root.name}.tmp-{token}"
-        try:
-            _build_into(tmp, scale)
-            if root.exists():
-                old = root.parent / f".{root.name}.old-{token}"
-                os.replace(root, old)
-                os.replace(tmp, root)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return describe(root)
+    return describe(cached_build(root, lambda out: _build_into(out, scale), force=force))
 
 
 def describe(root: Path) -> EmbeddedBenchmark:
@@ -131,47 +99,6 @@ def describe(root: Path) -> EmbeddedBenchmark:
         tasks=[ClipTask(name=t.name, dataset=str(root / "data" / t.name), classnames=list(t.classnames),
                         templates=list(t.templates), split="test") for t in TASKS],
     )
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path` (created if missing)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _build_environment(seed: int) -> Iterator[None]:
-    """Seeded, deterministic, quiet, and on one torch thread.
-
-    One thread makes a build bit-identical whatever thread count the caller runs with: matrix products split
-    across threads round differently, and training carries the difference into every weight (on a 2-core machine a
-    2-thread build moved the benchmark's averages by about 0.1 point). The caller's RNG state, thread count and
-    determinism flag are restored afterwards.
-    """
-    asked = torch.get_num_threads()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    bars_were_off = datasets.utils.are_progress_bars_disabled()
-    hf_bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    datasets.utils.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-    finally:
-        torch.set_num_threads(asked)
-        torch.use_deterministic_algorithms(was_deterministic)
-        if not bars_were_off:
-            datasets.utils.enable_progress_bars()
-        if hf_bars_were_on:
-            transformers.utils.logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,7 +306,7 @@ def _build_into(out: Path, scale: str) -> None:
     """Write a complete build of `scale` into the (new) directory `out`."""
     recipe = recipe_for(scale)
     started = time.perf_counter()
-    with _build_environment(recipe.seed):
+    with build_environment(recipe.seed):
         threads = torch.get_num_threads()
         split = _split(recipe)
         for index, spec in enumerate(TASKS):

@@ -62,8 +62,13 @@ class EmbeddedTasks(TaskPoolConfig):
         return _joined(self, models)
 
 
-def _joined(config, other):
-    """`config` with the build options it leaves out taken from `other` when that is embedded too (its own win)."""
-    if not isinstance(other, (EmbeddedModels, EmbeddedTasks)):
+def join_build_options(config, other, partners: tuple[type, ...]):
+    """`config` with the build options it leaves out (scale, cache_dir) taken from `other` when that is one of
+    `partners` (the other half of the same build); its own win."""
+    if not isinstance(other, partners):
         return config
     return dataclasses.replace(config, scale=config.scale or other.scale, cache_dir=config.cache_dir or other.cache_dir)
+
+
+def _joined(config, other):
+    return join_build_options(config, other, (EmbeddedModels, EmbeddedTasks))

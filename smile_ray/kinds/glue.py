@@ -1,0 +1,83 @@
+"""`task_pool: {kind: glue_text_generation}`: GLUE by greedy generation, FusionBench's Flan-T5 protocol (cola, mnli,
+mrpc, qnli, qqp, rte, sst2: accuracy by exact match; stsb: Spearman ρ), with the model pool's tokenizer."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from smile_ray.errors import SmileError
+from smile_ray.kinds import Section, TaskPoolConfig, TaskScores, register_task_pool
+from smile_ray.sources import Source
+
+GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
+TASK_FIELDS = ("name", "dataset", "split", "dataset_config")
+CLASSIFICATION = TaskScores(names=("accuracy", "unparsable"), primary="accuracy")
+REGRESSION = TaskScores(names=("spearman_rho", "unparsable"), primary="spearman_rho")
+
+
+def glue_entries(section: Section, default: tuple | None = None) -> tuple:
+    """`tasks:` GLUE task names, or mappings {name, dataset, split, dataset_config} naming where a task's data is."""
+    tasks = section.get("tasks", list, "a list of GLUE tasks", default)
+    if tasks is default:
+        return default
+    if not tasks:
+        raise SmileError(f"{section.where('tasks')}: empty list")
+    names = []
+    for i, entry in enumerate(tasks):
+        where = f"{section.where('tasks')}[{i}]"
+        if isinstance(entry, Mapping):
+            for key in entry:
+                if key not in TASK_FIELDS:
+                    raise SmileError(f"{where}.{key}: unknown key (known: {', '.join(TASK_FIELDS)})")
+            for key in entry:
+                if entry[key] is not None and not isinstance(entry[key], str):
+                    raise SmileError(f"{where}.{key}: expected a string, got {entry[key]!r}")
+            name = entry.get("name")
+        else:
+            name = entry
+        if name not in GLUE_TASKS:
+            raise SmileError(f"{where}: unknown task {name!r} (known: {', '.join(GLUE_TASKS)}, or a mapping with "
+                             f"one of them as name)")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise SmileError(f"{section.where('tasks')}: a task is listed twice in {names}")
+    return tuple(dict(entry) if isinstance(entry, Mapping) else entry for entry in tasks)
+
+
+def generation_options(section: Section) -> dict[str, int | None]:
+    return {"batch_size": section.get("batch_size", int, "an integer", 32, minimum=1),
+            "max_samples": section.get("max_samples", int, "an integer", None, minimum=1),
+            "max_length": section.get("max_length", int, "an integer", 10, minimum=2)}
+
+
+def glue_scores(names) -> dict[str, TaskScores]:
+    return {name: REGRESSION if name == "stsb" else CLASSIFICATION for name in names}
+
+
+@register_task_pool("glue_text_generation", loader="smile_ray.tasks.glue:load_pool")
+@dataclass(frozen=True)
+class GlueConfig(TaskPoolConfig):
+    tasks: tuple = GLUE_TASKS
+    batch_size: int = 32
+    max_samples: int | None = None                # the first N examples of each split
+    max_length: int = 10                          # generated tokens, the decoder start token included
+
+    keys = ("tasks", "batch_size", "max_samples", "max_length")
+
+    @classmethod
+    def parse(cls, section: Section) -> GlueConfig:
+        return cls(tasks=glue_entries(section, GLUE_TASKS), **generation_options(section))
+
+    def task_names(self) -> list[str]:
+        return [entry if isinstance(entry, str) else entry["name"] for entry in self.tasks]
+
+    def scores(self) -> dict[str, TaskScores]:
+        return glue_scores(self.task_names())
+
+    def sources(self) -> list[Source]:
+        """Each distinct dataset once (the hub's `glue` holds every task)."""
+        found: dict[str, Source] = {}
+        for i, (name, entry) in enumerate(zip(self.task_names(), self.tasks)):
+            dataset = entry.get("dataset", "glue") if isinstance(entry, Mapping) else "glue"
+            found.setdefault(dataset, Source(f"task_pool.tasks[{i}] ({name})", dataset, repo_type="dataset"))
+        return list(found.values())
