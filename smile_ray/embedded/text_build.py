@@ -32,7 +32,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 from smile_ray.embedded.cache import build_environment, cached_build, default_cache_dir
-from smile_ray.embedded.text_recipe import TASKS, TEXT_RECIPES, WORDS_PER_TASK, TextRecipe, TextTask, task_words
+from smile_ray.embedded.text_recipe import (TASKS, TEXT_RECIPES, WORDS_PER_TASK, TextRecipe, TextTask, task_words,
+                                           template)
 from smile_ray.errors import SmileError
 from smile_ray.tasks.glue import input_text, prompts, target_text
 
@@ -64,7 +65,8 @@ def recipe_hash(scale: str) -> str:
     """Hex digest over the scale's recipe, the tasks, the prompts, library versions and the builder's source."""
     here = Path(__file__).parent
     blob = json.dumps({"scale": scale, "recipe": dataclasses.asdict(recipe_for(scale)),
-                       "tasks": [dataclasses.asdict(t) for t in TASKS], "prompts": prompts(),
+                       "tasks": [dataclasses.asdict(t) for t in TASKS], "templates": [template(t) for t in TASKS],
+                       "answers": {name: entry["target_text"] for name, entry in prompts().items()},
                        "versions": [torch.__version__, transformers.__version__, datasets.__version__]},
                       sort_keys=True).encode()
     digest = hashlib.sha256(blob)
@@ -208,9 +210,9 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows])
 
 
-def _examples(tokenizer, task: str, rows, label_key: str = "label") -> Examples:
-    texts = [input_text(task, row) for row in rows]
-    answers = [target_text(task, row[label_key]) for row in rows]
+def _examples(tokenizer, task: TextTask, rows, label_key: str = "label") -> Examples:
+    texts = [input_text(task.name, row, template(task)) for row in rows]
+    answers = [target_text(task.name, row[label_key]) for row in rows]
     return Examples(tokenizer(texts)["input_ids"], tokenizer(answers)["input_ids"])
 
 
@@ -249,33 +251,32 @@ def _build_into(out: Path, scale: str, *, final: Path) -> None:
         for name, dataset in data.items():
             dataset.save_to_disk(str(out / "data" / name))
         texts = [text for task in TASKS for split in data[task.name].values() for row in split
-                 for text in (input_text(task.name, row), target_text(task.name, row["label"]))]
+                 for text in (input_text(task.name, row, template(task)), target_text(task.name, row["label"]))]
         texts += [target_text("stsb", score / 10) for score in range(51)] + [
             text for task in TASKS if task.rule != "score" for text in prompts()[task.name]["target_text"].values()]
         base_dir = out / "base"
         _make_tokenizer(texts).save_pretrained(base_dir)
         tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)   # what a consumer loads back
 
-        train = {task.name: [dict(row) for row in _rows(task, i, recipe.train_per_task, recipe.seed)]
-                 for i, task in enumerate(TASKS)}
-        mixture = [_examples(tokenizer, name, rows, "pretrain_label") for name, rows in train.items()]
+        train = {task.name: _rows(task, i, recipe.train_per_task, recipe.seed) for i, task in enumerate(TASKS)}
+        mixture = [_examples(tokenizer, task, train[task.name], "pretrain_label") for task in TASKS]
         model = _make_t5(recipe, len(tokenizer))
         _train(model, Examples([x for m in mixture for x in m.inputs], [y for m in mixture for y in m.targets]),
                steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, batch_size=recipe.batch_size, seed=recipe.seed)
         model.save_pretrained(base_dir)
 
         for i, task in enumerate(TASKS):
-            examples = _examples(tokenizer, task.name, train[task.name])
+            examples = _examples(tokenizer, task, train[task.name])
             expert = copy.deepcopy(model)
             _linear_weights_only(expert)
             _train(expert, examples, steps=recipe.finetune_steps, lr=recipe.finetune_lr,
-                   batch_size=recipe.batch_size, seed=recipe.seed * 1000 + i + 1)
+                   batch_size=recipe.finetune_batch_size, seed=recipe.seed * 1000 + i + 1)
             expert.save_pretrained(out / "experts" / task.name)
 
             lora = get_peft_model(copy.deepcopy(model), LoraConfig(
                 r=recipe.lora_rank, lora_alpha=recipe.lora_rank, target_modules=["q", "v"], lora_dropout=0.0,
                 bias="none", task_type="SEQ_2_SEQ_LM"))
-            _train(lora, examples, steps=recipe.lora_steps, lr=recipe.lora_lr, batch_size=recipe.batch_size,
+            _train(lora, examples, steps=recipe.lora_steps, lr=recipe.lora_lr, batch_size=recipe.finetune_batch_size,
                    seed=recipe.seed * 1000 + 100 + i)
             lora.peft_config["default"].base_model_name_or_path = str(final / "base")
             with warnings.catch_warnings():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from smile_ray.embedded.text_build import build_text_benchmark
+from smile_ray.embedded.text_recipe import TASKS, template
 from smile_ray.kinds.embedded_text import EmbeddedGlueTasks, EmbeddedT5Models
 from smile_ray.kinds.seq2seq import Seq2SeqConfig
 from smile_ray.pools.seq2seq import Seq2SeqPool
@@ -22,7 +23,9 @@ def load_task_pool(config: EmbeddedGlueTasks, models: Seq2SeqPool,
                    device: torch.device | str | None = None) -> GlueTextGenerationTaskPool:
     """The benchmark's tasks named in the config, generated with the T5's own tokenizer."""
     bench = build_text_benchmark(config.cache_dir, scale=config.scale or "full")
-    return GlueTextGenerationTaskPool(models.load_tokenizer(), [GlueTask(name, dataset=str(bench.data[name]))
-                                                                for name in config.tasks],
+    tasks = {task.name: task for task in TASKS}
+    return GlueTextGenerationTaskPool(models.load_tokenizer(),
+                                      [GlueTask(name, dataset=str(bench.data[name]), template=template(tasks[name]))
+                                       for name in config.tasks],
                                       batch_size=config.batch_size, max_samples=config.max_samples,
                                       max_length=config.max_length, device=device)

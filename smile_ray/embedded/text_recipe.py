@@ -41,6 +41,13 @@ TASKS: tuple[TextTask, ...] = (
 WORDS_PER_TASK = 12
 
 
+def template(task: TextTask) -> str:
+    """The benchmark's prompt: the task's name, then each column after its name ("rte sentence1 : … sentence2 : …").
+    Short prompts of task-specific words, unlike Flan-T5's long English templates: a tiny model's experts change
+    little on words all tasks share, so routing by the task vectors needs the task's own words to dominate."""
+    return " ".join([task.name, *(f"{column} : {{{column}}}" for column in task.columns)])
+
+
 def task_words(index: int) -> list[str]:
     """The task's twelve words: two syllables from a task-specific rotation and a task letter (made-up, distinct)."""
     letter = "abcdefgh"[index]
@@ -61,19 +68,20 @@ class TextRecipe:
     layers: int = 2                      # encoder and decoder each
     heads: int = 4
     relative_buckets: int = 16
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
+    batch_size: int = 64                 # pretraining
     finetune_steps: int = 200
     finetune_lr: float = 1e-3
     lora_rank: int = 16
-    lora_steps: int = 300
+    lora_steps: int = 200
     lora_lr: float = 3e-3
-    batch_size: int = 64
+    finetune_batch_size: int = 32        # experts, full and LoRA
 
 
 TEXT_RECIPES: dict[str, TextRecipe] = {
     "full": TextRecipe(),
     "tiny": TextRecipe(train_per_task=128, eval_per_task=24, d_model=32, d_kv=8, d_ff=64, layers=1, heads=2,
                        relative_buckets=8, pretrain_steps=60, finetune_steps=12, lora_rank=4, lora_steps=12,
-                       batch_size=16),
+                       batch_size=16, finetune_batch_size=16),
 }

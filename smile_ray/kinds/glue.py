@@ -10,13 +10,14 @@ from smile_ray.kinds import Section, TaskPoolConfig, TaskScores, register_task_p
 from smile_ray.sources import Source
 
 GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
-TASK_FIELDS = ("name", "dataset", "split", "dataset_config")
+TASK_FIELDS = ("name", "dataset", "split", "dataset_config", "template")
 CLASSIFICATION = TaskScores(names=("accuracy", "unparsable"), primary="accuracy")
 REGRESSION = TaskScores(names=("spearman_rho", "unparsable"), primary="spearman_rho")
 
 
 def glue_entries(section: Section, default: tuple | None = None) -> tuple:
-    """`tasks:` GLUE task names, or mappings {name, dataset, split, dataset_config} naming where a task's data is."""
+    """`tasks:` GLUE task names, or mappings {name, dataset, split, dataset_config, template} naming where a task's
+    data is (and, to evaluate other prompts, the template with its "{column}" fields)."""
     tasks = section.get("tasks", list, "a list of GLUE tasks", default)
     if tasks is default:
         return default

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,15 +46,14 @@ def target_text(task: str, label: float | int) -> str:
     return targets.get(str(int(label)), "")              # a label outside the class set (−1 in test splits): ""
 
 
-def input_text(task: str, row: dict[str, Any]) -> str:
-    return prompts()[task]["input_text"].format(**row)
+def input_text(task: str, row: dict[str, Any], template: str | None = None) -> str:
+    """The prompt of a row: `template` (default: the task's Flan-T5 template) with the row's columns filled in."""
+    return (template or prompts()[task]["input_text"]).format(**row)
 
 
-def template_columns(task: str) -> list[str]:
-    """The dataset columns a task's template reads ("{sentence1}", …)."""
-    import string
-
-    return [field for _, field, _, _ in string.Formatter().parse(prompts()[task]["input_text"]) if field]
+def template_columns(template: str) -> list[str]:
+    """The dataset columns a template reads ("{sentence1}", …)."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
 
 
 def spearman(predictions: Sequence[float], targets: Sequence[float]) -> float:
@@ -94,10 +94,15 @@ class GlueTask:
     dataset: str = "glue"                         # hub id (config = name) or a save_to_disk directory
     split: str | None = None                      # default: validation (mnli: validation_matched)
     dataset_config: str | None = None             # default for a hub id: the task name
+    template: str | None = None                   # the prompt, "{column}" fields (default: the Flan-T5 template)
 
     @property
     def eval_split(self) -> str:
         return self.split or ("validation_matched" if self.name == "mnli" else "validation")
+
+    @property
+    def prompt(self) -> str:
+        return self.template or prompts()[self.name]["input_text"]
 
 
 class GlueTextGenerationTaskPool:
@@ -128,14 +133,15 @@ class GlueTextGenerationTaskPool:
             where = f"task {task.name}: dataset {task.dataset!r}"
             config = task.dataset_config or (task.name if task.dataset in ("glue", "nyu-mll/glue") else None)
             rows = load_split(task.dataset, split=task.eval_split, config=config, where=where)
-            missing = [c for c in [*template_columns(task.name), "label"] if c not in rows.column_names]
+            missing = [c for c in [*template_columns(task.prompt), "label"] if c not in rows.column_names]
             if missing:
                 raise SmileError(f"{where}: no column {missing[0]!r} (columns: {', '.join(rows.column_names)})")
             if self.max_samples is not None:
                 rows = rows.select(range(min(self.max_samples, len(rows))))
             if len(rows) == 0:
                 raise SmileError(f"{where}: split {task.eval_split!r} has no samples")
-            self._data[task.name] = ([input_text(task.name, row) for row in rows], list(rows["label"]))
+            self._data[task.name] = ([input_text(task.name, row, task.prompt) for row in rows],
+                                     list(rows["label"]))
         return self._data[task.name]
 
     def prepare(self) -> None:
