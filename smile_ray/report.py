@@ -80,18 +80,25 @@ def build_report(results: Mapping[str, Mapping[str, float]], *, model: Any = Non
 
 
 def format_task_table(report: Mapping[str, Any]) -> str:
-    """Per-task text table: task, accuracy in %, loss; then the average row."""
+    """Per-task text table, a column per metric the tasks report (fractions in %, losses as they are); then the
+    average row."""
     rows = [(task, report[task]) for task in task_names(report)]
     average = [("average", report["average"])] if "average" in report else []
+    metrics = list(dict.fromkeys(metric for _, values in [*rows, *average] for metric in values))
     width = max(len(task) for task, _ in [("task", {}), *rows, *average])
-    header = f"{'task':<{width}}  {'accuracy %':>10}  {'loss':>8}"
+    percent = {metric: "loss" not in metric for metric in metrics}
+    titles = {metric: f"{metric} %" if percent[metric] else metric for metric in metrics}
+    header = f"{'task':<{width}}" + "".join(f"  {titles[metric]:>{max(8, len(titles[metric]))}}" for metric in metrics)
     rule = "-" * len(header)
 
-    def line(task: str, metrics: Mapping[str, Any]) -> str:
-        return (f"{task:<{width}}  {_number(metrics.get('accuracy'), 100.0, 2):>10}  "
-                f"{_number(metrics.get('loss'), 1.0, 4):>8}")
+    def cell(metric: str, value: Any) -> str:
+        text = _number(value, 100.0 if percent[metric] else 1.0, 2 if percent[metric] else 4)
+        return f"  {text:>{max(8, len(titles[metric]))}}"
 
-    lines = [header, rule, *(line(task, metrics) for task, metrics in rows)]
+    def line(task: str, values: Mapping[str, Any]) -> str:
+        return f"{task:<{width}}" + "".join(cell(metric, values.get(metric)) for metric in metrics)
+
+    lines = [header, rule, *(line(task, values) for task, values in rows)]
     if average:
         lines += [rule, line(*average[0])]
     return "\n".join(lines)

@@ -80,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SmileError(f"--threads: expected at least 1, got {args.threads}")
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
 
-        def progress(task: str, metrics: dict, running: dict) -> None:
-            print(f"  {task:<16} accuracy {100 * metrics['accuracy']:6.2f}%  ({metrics['samples']} samples, "
-                  f"{metrics['seconds']:.1f} s)", flush=True)
-
         print(f"method: {json.dumps(method)}", flush=True)
         pools = load_pools(spec.model_pool, spec.task_pool, device)
+
+        def progress(task: str, metrics: dict, running: dict) -> None:
+            score = pools.primary[task]
+            print(f"  {task:<16} {score} {100 * metrics[score]:6.2f}%  ({metrics['samples']} samples, "
+                  f"{metrics['samples'] / max(metrics['seconds'], 1e-9):.1f}/s)", flush=True)
+
         report = run_trial({"method": method}, pools=pools, svd_cache=None if args.no_svd_cache else args.svd_cache,
                            device=device, on_task_done=progress, save_model_dir=args.save_model)
     except SmileError as error:

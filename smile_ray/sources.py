@@ -164,7 +164,7 @@ def check_adapter(source: Source, base: Source | None, base_shapes: Shapes | Non
             target = base_shapes.get(f"{layer}.weight")
             if target is None:
                 raise SmileError(f"{source.field}: the adapter targets {layer}, which the base model does not have")
-            if len(shape) != 2 or len(target[1]) != 2 or shape[axis] != target[1][1 - axis]:
+            if len(shape) != 2 or len(target[1]) != 2 or shape[axis] != target[1][axis]:
                 raise SmileError(f"{source.field}: the adapter's {key} has shape {shape}, which does not fit "
                                  f"{layer} of the base model, shape {target[1]}")
 
