@@ -86,3 +86,32 @@ def test_auto_model_without_remote_code_refuses_it(saved):
         AutoModel.from_pretrained({str(saved["dir"])!r})
     """)
     assert done.returncode != 0 and "trust_remote_code=True" in done.stderr
+
+
+def test_a_smile_t5_generates_the_same_tokens_where_smile_ray_cannot_be_imported(tiny_text_bench, tmp_path):
+    from transformers import AutoTokenizer
+
+    from smile_ray.pools.seq2seq import load_seq2seq
+
+    load = lambda path: load_seq2seq(str(path), field="model", dtype=torch.float32, revision=None)    # noqa: E731
+    experts = {name: load(tiny_text_bench.experts[name]) for name in ("cola", "sst2", "stsb")}
+    model = upscale(load(tiny_text_bench.base_dir), experts, gate_k=2, k=4).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_bench.base_dir)
+    prompts = ["cola sentence : kalob misaa", "stsb sentence1 : a sentence2 : b"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    expected = model.generate(**batch, max_length=6, do_sample=False)
+    save_model(model, tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_smile.SmileT5ForConditionalGeneration"
+    done = run_elsewhere({"tmp": tmp_path}, f"""
+        import json
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        model = AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        batch = tokenizer({prompts!r}, return_tensors="pt", padding=True)
+        print(json.dumps(model.generate(**batch, max_length=6, do_sample=False).tolist()))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected.tolist()

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
 
 from .layer import SmileLinear
 
@@ -45,8 +45,9 @@ def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Modu
     return model
 
 
-def smile_variant(config_class: type, model_class: type) -> tuple[type, type]:
-    """(SmileConfig, SmileModel) subclasses of an architecture's config and model classes."""
+def smile_variant(config_class: type, model_class: type, auto_class: str = "AutoModel") -> tuple[type, type]:
+    """(SmileConfig, SmileModel) subclasses of an architecture's config and model classes; `auto_class` is the Auto
+    class that loads the model (AutoModel, AutoModelForSeq2SeqLM, …)."""
 
     def config_init(self, smile_layers: dict | None = None, **kwargs: Any) -> None:
         config_class.__init__(self, **kwargs)
@@ -63,10 +64,13 @@ def smile_variant(config_class: type, model_class: type) -> tuple[type, type]:
     smile_model = type(model_name, (model_class,), {
         "__init__": model_init, "__module__": __name__, "__qualname__": model_name, "config_class": smile_config})
     smile_config.register_for_auto_class("AutoConfig")
-    smile_model.register_for_auto_class("AutoModel")
+    smile_model.register_for_auto_class(auto_class)
     return smile_config, smile_model
 
 
 SmileCLIPVisionConfig, SmileCLIPVisionModel = smile_variant(CLIPVisionConfig, CLIPVisionModel)
+SmileT5Config, SmileT5ForConditionalGeneration = smile_variant(T5Config, T5ForConditionalGeneration,
+                                                               "AutoModelForSeq2SeqLM")
 
-VARIANTS: dict[str, type] = {"CLIPVisionModel": SmileCLIPVisionModel}    # architecture → its SMILE variant
+VARIANTS: dict[str, type] = {"CLIPVisionModel": SmileCLIPVisionModel,      # architecture → its SMILE variant
+                             "T5ForConditionalGeneration": SmileT5ForConditionalGeneration}
