@@ -159,10 +159,14 @@ def _tie_key(point: Mapping[str, Any]) -> tuple[bool, float, str]:
     return (not _finite(extra), extra if _finite(extra) else 0.0, str(point.get("trial_id", "")))
 
 
-def _task_accuracies(point: Mapping[str, Any], metric: str) -> dict[str, float]:
+def _task_accuracies(point: Mapping[str, Any], metric: str,
+                     primary: Mapping[str, str] | None = None) -> dict[str, float]:
+    """task → the point's `metric` on it ("score": the task's primary metric, `primary` naming it)."""
     report = point.get("report")
     if report:
-        return {task: float(report[task][metric]) for task in task_names(report) if _finite(report[task].get(metric))}
+        name = (lambda task: primary.get(task, metric)) if metric == "score" and primary else (lambda task: metric)
+        return {task: float(report[task][name(task)]) for task in task_names(report)
+                if _finite(report[task].get(name(task)))}
     suffix = f"/{metric}"
     return {key[:-len(suffix)]: value for key, value in point["metrics"].items()
             if key.endswith(suffix) and "/" not in key[:-len(suffix)] and key[:-len(suffix)] != "average"}
@@ -176,21 +180,22 @@ def _describe(point: Mapping[str, Any]) -> str:
     return describe(method) or str(point.get("trial_id", "trial"))
 
 
-def task_series(points: Sequence[Mapping[str, Any]], best: Mapping[str, Any], metric: str = "accuracy"
+def task_series(points: Sequence[Mapping[str, Any]], best: Mapping[str, Any], metric: str = "accuracy",
+                primary: Mapping[str, str] | None = None
                 ) -> tuple[list[str], dict[str, dict[str, float]]]:
     """Per-task series for `plot_task_bars`: the best trial, each individual fine-tuned model on its own task
     (`method.name == "individual"`, `method.model == <task>`), and the pretrained model when it ran.
 
     Returns ([], {}) when no individual model matches a task of the best trial.
     """
-    best_values = _task_accuracies(best, metric)
+    best_values = _task_accuracies(best, metric, primary)
     own: dict[str, float] = {}
     pretrained: dict[str, float] = {}
     for point in points:
         config = point["config"]
         if config.get("method.name") != "individual":
             continue
-        values = _task_accuracies(point, metric)
+        values = _task_accuracies(point, metric, primary)
         model = config.get("method.model", "pretrained")
         if model == "pretrained":
             pretrained = values
@@ -204,8 +209,8 @@ def task_series(points: Sequence[Mapping[str, Any]], best: Mapping[str, Any], me
     return list(best_values), series
 
 
-def sweep_figures(points: Sequence[Mapping[str, Any]], metric: str = "average/accuracy",
-                  mode: str = "max") -> dict[str, Figure]:
+def sweep_figures(points: Sequence[Mapping[str, Any]], metric: str = "average/accuracy", mode: str = "max",
+                  primary: Mapping[str, str] | None = None) -> dict[str, Figure]:
     """The figures the sweep has data for, keyed by artifact path: heatmap (SMILE trials with gate_k and k),
     Pareto scatter (points with `model_info/all_params`), per-task bars (needs individual-model trials)."""
     from smile_ray.methods import METHODS
@@ -234,7 +239,7 @@ def sweep_figures(points: Sequence[Mapping[str, Any]], metric: str = "average/ac
             [str(p["config"].get("method.name", "trial")) for p in sized], metric=metric, mode=mode, percent=percent)
     best = best_point(points, metric, mode)
     if best is not None:
-        tasks, series = task_series(points, best, metric.rsplit("/", 1)[-1])
+        tasks, series = task_series(points, best, metric.rsplit("/", 1)[-1], primary)
         if tasks:
             figures["plots/per_task.png"] = plot_task_bars(tasks, series, metric=metric.rsplit("/", 1)[-1],
                                                            percent=percent)

@@ -62,7 +62,7 @@ class MlflowSweepCallback(tune.Callback):
     def __init__(self, tracking_uri: str, experiment: str, *, space_name: str, space: Mapping[str, Any],
                  metric: str = "average/accuracy", mode: str = "max", tags: Mapping[str, str] | None = None,
                  artifact_location: str | None = None, sweep_id: str | None = None, strict: bool = False,
-                 replace: bool = False) -> None:
+                 replace: bool = False, primary: Mapping[str, str] | None = None) -> None:
         if mode not in ("max", "min"):
             raise SmileError(f"mode: expected 'max' or 'min', got {mode!r}")
         if sweep_id is not None and re.search(r"['\"`\\]", sweep_id):
@@ -78,6 +78,7 @@ class MlflowSweepCallback(tune.Callback):
         self.sweep_id = sweep_id or uuid.uuid4().hex
         self.strict = strict
         self.replace = replace                        # delete earlier runs of this sweep_id (--overwrite)
+        self.primary = dict(primary or {})            # task → its score's metric, for the per-task plot of a score
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.run_ids: dict[str, str] = {}
@@ -351,7 +352,7 @@ class MlflowSweepCallback(tune.Callback):
                                                   "config": plain(best["config"])}, "best_config.json")
 
     def _log_plots(self, points: list[dict[str, Any]]) -> None:
-        for path, figure in sweep_figures(points, self.metric, self.mode).items():
+        for path, figure in sweep_figures(points, self.metric, self.mode, getattr(self, "primary", None)).items():
             self.client.log_figure(self.parent_run_id, figure, path)
             figure.clear()
 

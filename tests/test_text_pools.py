@@ -106,6 +106,8 @@ def test_the_embedded_t5_sweep_runs_end_to_end(ray_session, tiny_text_bench, tin
     client = MlflowClient(uri)
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED" and "best/average/score" in parent.data.metrics
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/heatmap.png", "plots/pareto.png", "plots/per_task.png"}      # per task: each one's score
     smile = next(t for t in summary["trials"] if t["config"]["name"] == "smile")
     columns = json.loads(open(client.download_artifacts(smile["mlflow_run_id"], "per_task.json", str(tmp_path)))
                          .read())["columns"]

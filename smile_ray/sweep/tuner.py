@@ -59,7 +59,8 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     metric, mode = spec.search["metric"], spec.search["mode"]
     tracker = MlflowSweepCallback(options.tracking_uri, options.experiment, space_name=spec.name,
                                   space=spec.document, metric=metric, mode=mode, sweep_id=str(options.output),
-                                  tags={"smile_ray.output": str(options.output)}, replace=options.overwrite)
+                                  tags={"smile_ray.output": str(options.output)}, replace=options.overwrite,
+                                  primary={task: s.primary for task, s in spec.task_pool.scores().items()})
     return tune.Tuner(
         trainable,
         param_space=spec.param_space(),
