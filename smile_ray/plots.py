@@ -132,6 +132,43 @@ def plot_task_bars(tasks: Sequence[str], series: Mapping[str, Mapping[str, float
     return fig
 
 
+def plot_routing(routing: Mapping[str, Any]) -> Figure:
+    """Where each task's tokens went (a report's "routing"): the share routed to each expert, averaged over the
+    upscaled layers (tasks × experts), and per layer the share routed to the task's own expert."""
+    experts, tasks = list(routing["experts"]), routing["tasks"]
+    names = list(tasks)
+    layers = list(next(iter(tasks.values())))
+    fig = Figure(figsize=(max(10.0, 4.0 + 0.6 * len(experts) + 0.12 * len(layers)), max(4.5, 1.5 + 0.4 * len(names))),
+                 dpi=DPI, layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[max(len(experts), 3), max(len(layers) // 4, 4)])
+    grid = [[100 * sum(tasks[t][layer][e] for layer in layers) / len(layers) for e in range(len(experts))]
+            for t in names]
+    image = left.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    left.set_xticks(range(len(experts)), experts, rotation=45, ha="right")
+    left.set_yticks(range(len(names)), names)
+    left.set_xlabel("expert")
+    left.set_ylabel("task")
+    left.set_title("tokens routed to each expert (%), mean over layers")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            left.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                      color="black" if value > 50 else "white")
+    fig.colorbar(image, ax=left)
+    for task in names:
+        if task in experts:
+            own = experts.index(task)
+            right.plot(range(len(layers)), [100 * tasks[task][layer][own] for layer in layers], label=task,
+                       marker=".", linewidth=1)
+    right.set_ylim(0, 100)
+    right.set_xlabel("upscaled layer (model order)")
+    right.set_ylabel("tokens routed to the task's own expert (%)")
+    right.set_title("per layer")
+    right.grid(True, alpha=0.3)
+    if right.lines:
+        right.legend(fontsize=7, ncols=2)
+    return fig
+
+
 def best_point(points: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> Mapping[str, Any] | None:
     """The point with the best finite `metric`; points that carry a full report win over those that do not
     (a trial stopped early reports a running average over fewer tasks).

@@ -34,7 +34,7 @@ from smile_ray.mlflow_runs import (EXPERIMENT_KIND_TAG, MAX_METRICS_PER_BATCH, M
                                    MODEL_TRAINING, SweepRuns, absolute_sqlite_uri, children_of,
                                    default_artifact_location, flatten_config, git_commit, metric_key, number,
                                    param_value, plain, ray_job_id, result_metrics, run_name)
-from smile_ray.plots import best_point, sweep_figures
+from smile_ray.plots import best_point, plot_routing, sweep_figures
 from smile_ray.report import flatten_metrics, task_names
 
 logger = logging.getLogger(__name__)
@@ -292,11 +292,24 @@ class MlflowSweepCallback(tune.Callback):
                 self.client.log_table(run_id, data={
                     "task": tasks, **{metric: [number(report[task].get(metric)) for task in tasks]
                                       for metric in metrics}}, artifact_file="per_task.json")
+            if isinstance(report.get("routing"), Mapping) and trial_id not in self.finished:
+                self._log_routing(run_id, report["routing"])
             self._set_tags(run_id, {"smile_ray.stopped_early": "false"})
         else:
             self._set_tags(run_id, {"smile_ray.stopped_early": "true"})
         self.client.set_terminated(run_id, status="FINISHED")
         self.finished.add(trial_id)
+
+    def _log_routing(self, run_id: str, routing: Mapping[str, Any]) -> None:
+        """A SMILE trial's routing: a table (task, layer, expert, share) to compare across runs, and its plot."""
+        rows = [(task, layer, expert, share) for task, layers in routing["tasks"].items()
+                for layer, shares in layers.items() for expert, share in zip(routing["experts"], shares)]
+        self.client.log_table(run_id, data={key: [row[i] for row in rows] for i, key in
+                                            enumerate(("task", "layer", "expert", "share"))},
+                              artifact_file="routing.json")
+        figure = plot_routing(routing)
+        self.client.log_figure(run_id, figure, "routing.png")
+        figure.clear()
 
     def _fail(self, trial: Any) -> None:
         run_id = self._child(trial)

@@ -25,6 +25,7 @@ from smile_ray.kinds import ModelPool, ModelPoolConfig, TaskPool, TaskPoolConfig
 from smile_ray.report import average_metrics, build_report, task_names
 from smile_ray.smile import SvdCache, parameter_report
 from smile_ray.smile.checkpoint import save_model
+from smile_ray.smile.routing import RoutingRecorder, own_expert_share
 from smile_ray.spec import checked_pools
 
 TaskDone = Callable[[str, dict, dict], None]
@@ -94,12 +95,19 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
     info = getattr(merged, "smile_info", None)
     del experts
 
+    recorder = RoutingRecorder(merged)
+    routing: dict[str, dict[str, list[float]]] = {}
+
     def task_done(task: str, metrics: dict, running: dict) -> None:        # the running average, with its score
-        done = {name: running[name] for name in task_names(running)}
-        on_task_done(task, metrics, {**done, "average": average_metrics(done, pools.primary)})
+        if recorder.layers:
+            routing[task] = recorder.take()
+        if on_task_done is not None:
+            done = {name: running[name] for name in task_names(running)}
+            on_task_done(task, metrics, {**done, "average": average_metrics(done, pools.primary)})
 
     start = time.perf_counter()
-    results = pools.tasks.evaluate(merged, on_task_done=task_done if on_task_done else None)
+    with recorder:
+        results = pools.tasks.evaluate(merged, on_task_done=task_done)
     eval_seconds = time.perf_counter() - start
 
     counts = parameter_report(merged, base)
@@ -109,6 +117,10 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
                   "svd_cache_hits": info.svd_cache_hits if info else 0}
     report = build_report(results, model=merged, name=method.name, model_info=model_info, timings=timings,
                           primary=pools.primary)
+    if routing:                                  # SMILE: where each task's tokens went, and how many to its own expert
+        own = own_expert_share(routing, pools.models.expert_names)
+        report["routing"] = {"experts": list(pools.models.expert_names), "tasks": routing,
+                             **({"own_expert_share": sum(own.values()) / len(own)} if own else {})}
     if save_model_dir is not None:
         save_model(merged.to("cpu"), save_model_dir)
     return report

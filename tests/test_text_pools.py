@@ -112,3 +112,6 @@ def test_the_embedded_t5_sweep_runs_end_to_end(ray_session, tiny_text_bench, tin
     columns = json.loads(open(client.download_artifacts(smile["mlflow_run_id"], "per_task.json", str(tmp_path)))
                          .read())["columns"]
     assert columns == ["task", "accuracy", "unparsable", "spearman_rho"]
+    artifacts = {a.path for a in client.list_artifacts(smile["mlflow_run_id"])}
+    assert {"routing.json", "routing.png"} <= artifacts
+    assert 0 <= client.get_run(smile["mlflow_run_id"]).data.metrics["routing/own_expert_share"] <= 1

@@ -65,6 +65,7 @@ class SmileLinear(nn.Module):
             self.delta = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.expert_bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
         self.register_buffer("routable", torch.ones(num_experts, dtype=torch.bool, device=device))
+        self.routing_counts: torch.Tensor | None = None    # (T,) tokens whose first choice was expert i, when recording
 
     @property
     def dense_experts(self) -> bool:
@@ -114,6 +115,8 @@ class SmileLinear(nn.Module):
         x = x.reshape(-1, self.in_features)                                            # (N, n)
         y = self.base(x)                                                               # (N, m) = W0 x + b0
         weights, experts = self.route(x)                                               # (N, K)
+        if self.routing_counts is not None:
+            self.routing_counts += torch.bincount(experts[:, 0], minlength=self.num_experts).to(self.routing_counts)
         self._add_experts(y, x, weights, experts)
         return y.view(*shape[:-1], self.out_features)
 
