@@ -11,8 +11,7 @@ rescale and normalise run per batch on the evaluation device.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Pretraine
 from smile_ray.errors import SmileError
 from smile_ray.hub import load_pretrained
 from smile_ray.report import average_metrics
+from smile_ray.tasks.evaluation import TaskDoneCallback, evaluate_each
 from smile_ray.tasks.splits import load_split
 from smile_ray.tasks.ta8 import ta8_tasks
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from smile_ray.kinds.clip_zero_shot import ClipZeroShotConfig
     from smile_ray.pools.clip_vision import ClipVisionPool
 
-TaskDoneCallback = Callable[[str, dict[str, float], dict[str, dict[str, float]]], None]
 
 
 @dataclass
@@ -285,23 +284,10 @@ class ClipZeroShotTaskPool:
 
         `vision_model` (a `CLIPVisionModel` or anything with its call signature and `pooler_output`) is moved
         to the device and run in its own dtype under `torch.no_grad()`. After each task,
-        `on_task_done(task_name, {"accuracy", "loss", "samples", "seconds"}, running)` is called, where
-        `running` holds the results so far and their "average".
+        `on_task_done(task_name, {"accuracy", "loss", "samples", "seconds"}, results so far)` is called.
         """
-        vision_model.to(self.resolved_device())
-        was_training = vision_model.training
-        vision_model.eval()
-        results: dict[str, dict[str, float]] = {}
-        try:
-            for task in self.tasks:
-                start = time.perf_counter()
-                metrics = self.evaluate_task(vision_model, task)
-                metrics["seconds"] = time.perf_counter() - start
-                results[task.name] = {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
-                if on_task_done is not None:
-                    on_task_done(task.name, metrics, {**results, "average": average_metrics(results)})
-        finally:
-            vision_model.train(was_training)
+        results = evaluate_each(vision_model, self.tasks, self.evaluate_task, device=self.resolved_device(),
+                                on_task_done=on_task_done)
         return {**results, "average": average_metrics(results)}
 
 

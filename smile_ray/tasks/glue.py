@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 import math
 import string
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -25,10 +24,10 @@ import torch
 from torch import nn
 
 from smile_ray.errors import SmileError
+from smile_ray.tasks.evaluation import TaskDoneCallback, evaluate_each
 from smile_ray.tasks.splits import load_split
 
 REGRESSION_TASKS = ("stsb",)
-TaskDoneCallback = Callable[[str, dict[str, float], dict[str, dict[str, float]]], None]
 
 
 @lru_cache(maxsize=1)
@@ -168,21 +167,8 @@ class GlueTextGenerationTaskPool:
                  ) -> dict[str, dict[str, float]]:
         """{task: {"accuracy" | "spearman_rho", "unparsable"}}; on_task_done(task, {…, "samples", "seconds"},
         results so far) after each task."""
-        model.to(self.resolved_device())
-        was_training = model.training
-        model.eval()
-        results: dict[str, dict[str, float]] = {}
-        try:
-            for task in self.tasks:
-                start = time.perf_counter()
-                metrics = self.evaluate_task(model, task)
-                metrics["seconds"] = time.perf_counter() - start
-                results[task.name] = {k: v for k, v in metrics.items() if k not in ("samples", "seconds")}
-                if on_task_done is not None:
-                    on_task_done(task.name, metrics, dict(results))
-        finally:
-            model.train(was_training)
-        return results
+        return evaluate_each(model, self.tasks, self.evaluate_task, device=self.resolved_device(),
+                             on_task_done=on_task_done)
 
 
 def load_pool(config, models, device: str | torch.device | None = None) -> GlueTextGenerationTaskPool:

@@ -1,0 +1,34 @@
+"""What every task pool's `evaluate` does around its own per-task scoring: the model on the device in eval mode, each
+task timed, a callback after each task, the model's training flag restored."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+TaskDoneCallback = Callable[[str, dict[str, float], dict[str, dict[str, float]]], None]
+BOOKKEEPING = ("samples", "seconds")          # what the callback sees of a task besides its metrics
+
+
+def evaluate_each(model: nn.Module, tasks: Sequence[Any], evaluate_task: Callable[[nn.Module, Any], dict[str, float]],
+                  *, device: torch.device, on_task_done: TaskDoneCallback | None = None) -> dict[str, dict[str, float]]:
+    """{task name: its metrics} from `evaluate_task(model, task)` (which returns them with "samples"); after each task
+    on_task_done(name, its metrics with "samples" and "seconds", the results so far)."""
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for task in tasks:
+            start = time.perf_counter()
+            metrics = evaluate_task(model, task)
+            metrics["seconds"] = time.perf_counter() - start
+            results[task.name] = {key: value for key, value in metrics.items() if key not in BOOKKEEPING}
+            if on_task_done is not None:
+                on_task_done(task.name, metrics, dict(results))
+    finally:
+        model.train(was_training)
+    return results
