@@ -68,6 +68,46 @@ class Section:
         return value
 
 
+def task_entries(section: Section, known: Sequence[str], default: tuple | None = None, *,
+                 fields: Sequence[str] = (), required: Sequence[str] = (), strings: Sequence[str] = (),
+                 mapped_names_known: bool = False) -> tuple | None:
+    """`tasks:` a non-empty list of task names from `known`, or (where `fields` are given) mappings holding `required`
+    and other `fields` (those in `strings` as strings; with `mapped_names_known`, a mapping's name from `known`
+    too); no name twice. `default` when absent."""
+    tasks = section.get("tasks", list, "a list of tasks", default)
+    if tasks is default:
+        return default
+    if not tasks:
+        raise SmileError(f"{section.where('tasks')}: empty list")
+    or_mapping = ", or a mapping" if fields else ""
+    names = []
+    for i, entry in enumerate(tasks):
+        where = f"{section.where('tasks')}[{i}]"
+        if isinstance(entry, Mapping) and fields:
+            for key, value in entry.items():
+                if key not in fields:
+                    raise SmileError(f"{where}.{key}: unknown key (known: {', '.join(fields)})")
+                if key in strings and value is not None and not isinstance(value, str):
+                    raise SmileError(f"{where}.{key}: expected a string, got {value!r}")
+            for key in required:
+                if key not in entry:
+                    raise SmileError(f"{where}.{key}: missing")
+            name = entry["name"]
+            if not mapped_names_known:
+                names.append(str(name))
+                continue
+        elif isinstance(entry, str):
+            name = entry
+        else:
+            raise SmileError(f"{where}: expected a task name{or_mapping}, got {entry!r}")
+        if name not in known:
+            raise SmileError(f"{where}: unknown task {name!r} (known: {', '.join(known)}{or_mapping})")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise SmileError(f"{section.where('tasks')}: a task is listed twice in {names}")
+    return tuple(dict(entry) if isinstance(entry, Mapping) else entry for entry in tasks)
+
+
 @dataclass(frozen=True)
 class TaskScores:
     """What one task reports: its metric names, the primary one (the task's score), and whether higher is better.

@@ -2,11 +2,9 @@
 (TA8 task names, or mappings naming any `datasets` dataset with its class names and templates)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-from smile_ray.errors import SmileError
-from smile_ray.kinds import Section, TaskPoolConfig, TaskScores, register_task_pool
+from smile_ray.kinds import REQUIRED, Section, TaskPoolConfig, TaskScores, register_task_pool, task_entries
 from smile_ray.sources import Source
 from smile_ray.tasks.ta8 import TA8_DATASETS, TA8_TASK_NAMES
 
@@ -23,37 +21,6 @@ def evaluation_options(section: Section) -> dict[str, int | None]:
             "max_samples": section.get("max_samples", int, "an integer", None, minimum=1)}
 
 
-def task_entries(section: Section, known: tuple[str, ...], default: tuple[str, ...] | None = None) -> tuple:
-    """`tasks:`: a non-empty list of names from `known`, or mappings with the ClipTask fields (when known is TA8)."""
-    tasks = section.get("tasks", list, "a list of tasks", default)
-    if tasks is None:
-        return default
-    if not tasks:
-        raise SmileError(f"{section.where('tasks')}: empty list")
-    names = []
-    for i, entry in enumerate(tasks):
-        where = f"{section.where('tasks')}[{i}]"
-        if isinstance(entry, str):
-            if entry not in known:
-                raise SmileError(f"{where}: unknown task {entry!r} (known: {', '.join(known)}"
-                                 f"{', or a mapping' if known is TA8_TASK_NAMES else ''})")
-            names.append(entry)
-        elif isinstance(entry, Mapping) and known is TA8_TASK_NAMES:
-            for key in entry:
-                if key not in TASK_FIELDS:
-                    raise SmileError(f"{where}.{key}: unknown key (known: {', '.join(TASK_FIELDS)})")
-            for key in TASK_REQUIRED:
-                if key not in entry:
-                    raise SmileError(f"{where}.{key}: missing")
-            names.append(str(entry["name"]))
-        else:
-            raise SmileError(f"{where}: expected a task name{' or a mapping' if known is TA8_TASK_NAMES else ''}, "
-                             f"got {entry!r}")
-    if len(set(names)) != len(names):
-        raise SmileError(f"{section.where('tasks')}: a task is listed twice in {names}")
-    return tuple(tasks)
-
-
 @register_task_pool("clip_zero_shot", loader="smile_ray.tasks.clip_zero_shot:load_pool")
 @dataclass(frozen=True)
 class ClipZeroShotConfig(TaskPoolConfig):
@@ -67,7 +34,7 @@ class ClipZeroShotConfig(TaskPoolConfig):
 
     @classmethod
     def parse(cls, section: Section) -> ClipZeroShotConfig:
-        return cls(tasks=task_entries(section, TA8_TASK_NAMES),
+        return cls(tasks=task_entries(section, TA8_TASK_NAMES, REQUIRED, fields=TASK_FIELDS, required=TASK_REQUIRED),
                    clip_model=section.get("clip_model", str, "a hub id or a directory", None),
                    **evaluation_options(section))
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from smile_ray.embedded.recipe import RECIPES, TASKS
 from smile_ray.kinds import (ModelPoolConfig, Section, TaskPoolConfig, register_model_pool,
-                             register_task_pool)
-from smile_ray.kinds.clip_zero_shot import CLASSIFICATION, evaluation_options, task_entries
+                             register_task_pool, task_entries)
+from smile_ray.kinds.clip_zero_shot import CLASSIFICATION, evaluation_options
 
 TASK_NAMES = tuple(task.name for task in TASKS)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smile_ray.embedded.text_recipe import TASKS, TEXT_RECIPES
-from smile_ray.kinds import ModelPoolConfig, Section, TaskPoolConfig, register_model_pool, register_task_pool
+from smile_ray.kinds import (ModelPoolConfig, Section, TaskPoolConfig, register_model_pool, register_task_pool,
+                             task_entries)
 from smile_ray.kinds.embedded import join_build_options
 from smile_ray.kinds.glue import generation_options, glue_scores
 
@@ -53,8 +54,6 @@ class EmbeddedGlueTasks(TaskPoolConfig):
 
     @classmethod
     def parse(cls, section: Section) -> EmbeddedGlueTasks:
-        from smile_ray.kinds.clip_zero_shot import task_entries
-
         return cls(tasks=task_entries(section, TASK_NAMES, default=TASK_NAMES), **generation_options(section),
                    **text_build_options(section))
 

@@ -5,44 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from smile_ray.errors import SmileError
-from smile_ray.kinds import Section, TaskPoolConfig, TaskScores, register_task_pool
+from smile_ray.kinds import Section, TaskPoolConfig, TaskScores, register_task_pool, task_entries
 from smile_ray.sources import Source
 
 GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
 TASK_FIELDS = ("name", "dataset", "split", "dataset_config", "template")
 CLASSIFICATION = TaskScores(names=("accuracy", "unparsable"), primary="accuracy")
 REGRESSION = TaskScores(names=("spearman_rho", "unparsable"), primary="spearman_rho")
-
-
-def glue_entries(section: Section, default: tuple | None = None) -> tuple:
-    """`tasks:` GLUE task names, or mappings {name, dataset, split, dataset_config, template} naming where a task's
-    data is (and, to evaluate other prompts, the template with its "{column}" fields)."""
-    tasks = section.get("tasks", list, "a list of GLUE tasks", default)
-    if tasks is default:
-        return default
-    if not tasks:
-        raise SmileError(f"{section.where('tasks')}: empty list")
-    names = []
-    for i, entry in enumerate(tasks):
-        where = f"{section.where('tasks')}[{i}]"
-        if isinstance(entry, Mapping):
-            for key in entry:
-                if key not in TASK_FIELDS:
-                    raise SmileError(f"{where}.{key}: unknown key (known: {', '.join(TASK_FIELDS)})")
-            for key in entry:
-                if entry[key] is not None and not isinstance(entry[key], str):
-                    raise SmileError(f"{where}.{key}: expected a string, got {entry[key]!r}")
-            name = entry.get("name")
-        else:
-            name = entry
-        if name not in GLUE_TASKS:
-            raise SmileError(f"{where}: unknown task {name!r} (known: {', '.join(GLUE_TASKS)}, or a mapping with "
-                             f"one of them as name)")
-        names.append(name)
-    if len(set(names)) != len(names):
-        raise SmileError(f"{section.where('tasks')}: a task is listed twice in {names}")
-    return tuple(dict(entry) if isinstance(entry, Mapping) else entry for entry in tasks)
 
 
 def generation_options(section: Section) -> dict[str, int | None]:
@@ -67,7 +36,8 @@ class GlueConfig(TaskPoolConfig):
 
     @classmethod
     def parse(cls, section: Section) -> GlueConfig:
-        return cls(tasks=glue_entries(section, GLUE_TASKS), **generation_options(section))
+        return cls(tasks=task_entries(section, GLUE_TASKS, GLUE_TASKS, fields=TASK_FIELDS, required=("name",),
+                                      strings=TASK_FIELDS, mapped_names_known=True), **generation_options(section))
 
     def task_names(self) -> list[str]:
         return [entry if isinstance(entry, str) else entry["name"] for entry in self.tasks]
