@@ -46,8 +46,18 @@ class Source:
         return "model or adapter" if self.adapter else "model"
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """name → (dtype, shape) from a safetensors file's header, after checking that the file holds every byte the
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: its dtype, shape and byte range in the file."""
+
+    dtype: str
+    shape: list[int]
+    start: int
+    end: int
+
+
+def safetensors_entries(path: Path) -> dict[str, TensorEntry]:
+    """name → TensorEntry from a safetensors file's header, after checking that the file holds every byte the
     header describes (a truncated copy fails here, not halfway through a load)."""
     try:
         size = path.stat().st_size
@@ -66,18 +76,25 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
         raise SmileError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise SmileError(f"{path}: not a safetensors file (its header is not a mapping)")
-    shapes, end = {}, 0
+    entries, end, data_start = {}, 0, 8 + header_size
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            shapes[name] = (entry["dtype"], list(entry["shape"]))
-            end = max(end, int(entry["data_offsets"][1]))
+            begin, stop = (int(offset) for offset in entry["data_offsets"])
+            entries[name] = TensorEntry(entry["dtype"], [int(n) for n in entry["shape"]], data_start + begin,
+                                        data_start + stop)
+            end = max(end, stop)
         except (TypeError, KeyError, IndexError, ValueError):
             raise SmileError(f"{path}: not a safetensors file (bad header entry {name!r})") from None
-    if 8 + header_size + end > size:
-        raise SmileError(f"{path}: truncated ({size:,} bytes; its header describes {8 + header_size + end:,})")
-    return shapes
+    if data_start + end > size:
+        raise SmileError(f"{path}: truncated ({size:,} bytes; its header describes {data_start + end:,})")
+    return entries
+
+
+def safetensors_shapes(path: Path) -> Shapes:
+    """name → (dtype, shape) from a safetensors file's header (checked as in `safetensors_entries`)."""
+    return {name: (entry.dtype, entry.shape) for name, entry in safetensors_entries(path).items()}
 
 
 def weight_files(directory: Path) -> list[Path]:
