@@ -24,6 +24,7 @@ from smile_ray.methods import get_method
 from smile_ray.kinds import ModelPool, ModelPoolConfig, TaskPool, TaskPoolConfig, TaskScores
 from smile_ray.report import average_metrics, build_report, task_names
 from smile_ray.smile import SvdCache, parameter_report
+from smile_ray.smile.weights import as_weights
 from smile_ray.smile.checkpoint import save_model
 from smile_ray.smile.routing import RoutingRecorder, own_expert_share
 from smile_ray.spec import checked_pools
@@ -110,7 +111,7 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
         results = pools.tasks.evaluate(merged, on_task_done=task_done)
     eval_seconds = time.perf_counter() - start
 
-    counts = parameter_report(merged, base)
+    counts = parameter_report(merged, as_weights(base).parameter_count())
     timings = {"load_seconds": load_seconds, "svd_seconds": info.svd_seconds if info else 0.0,
                "upscale_seconds": merge_seconds, "eval_seconds": eval_seconds}
     model_info = {**counts, "svd_calls": info.svd_computed if info else 0,

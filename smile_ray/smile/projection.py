@@ -10,7 +10,6 @@ projection, with the fine-tuned bias; every other parameter comes from the fine-
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from torch import nn
 
 from smile_ray.errors import SmileError
 from smile_ray.smile.svd import Decomposer, SvdCache
-from smile_ray.smile.upscale import UpscaleInfo, check_finite, check_same_architecture, matches
+from smile_ray.smile.upscale import Model, UpscaleInfo, check_finite, check_same_architecture, matches
+from smile_ray.smile.weights import as_weights
 
 SPACES = ("I", "II", "II+III")
 
@@ -43,7 +43,7 @@ def project(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor, k: int, space
 
 
 @torch.no_grad()
-def projection_merge(base: nn.Module, finetuned: nn.Module, *, space: str = "II+III", k: int = -1,
+def projection_merge(base: Model, finetuned: Model, *, space: str = "II+III", k: int = -1,
                      targets: Sequence[str] | None = None, svd_cache: SvdCache | str | Path | None = None,
                      device: torch.device | str | None = None) -> nn.Module:
     """Merge one fine-tuned model into its base through the projection onto `space`; a new module, with
@@ -52,15 +52,16 @@ def projection_merge(base: nn.Module, finetuned: nn.Module, *, space: str = "II+
         raise SmileError(f"method.space: must be one of {list(SPACES)}, got {space!r}")
     if not isinstance(k, int) or k == 0:
         raise SmileError(f"method.k: must be a positive rank or negative (half the singular-value mass), got {k!r}")
+    base, finetuned = as_weights(base), as_weights(finetuned)
     check_same_architecture(base, {"finetuned": finetuned})
     decomposer = Decomposer(svd_cache, device)
-    merged = copy.deepcopy(finetuned)
+    merged = finetuned.instantiate()
     merged_modules = dict(merged.named_modules())
     info = UpscaleInfo()
-    for name, layer in base.named_modules():
-        if not (isinstance(layer, nn.Linear) and matches(name, targets)):
+    for name in base.linear_names():
+        if not matches(name, targets):
             continue
-        target = merged_modules[name]
+        layer, target = base.linear(name), merged_modules[name]
         check_finite(name, {"the pretrained model": layer.weight, "the fine-tuned model": target.weight})
         w0 = layer.weight.detach().float()
         factors = decomposer.factors(w0, min(w0.shape), SvdCache.key(name, decomposer.digest(layer.weight), "", "base"))

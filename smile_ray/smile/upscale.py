@@ -2,11 +2,11 @@
 
 The formula lives in layer.py; the SVDs in svd.py. This file checks inputs, gathers each layer's
 weights from the pretrained model and the experts, builds the layer and puts it in a copy of the
-pretrained model. The caller's models are never modified.
+pretrained model. The caller's models are never modified. Models are nn.Modules or, for models too large
+to hold T + 1 copies of, checkpoint directories read one layer at a time (weights.py): the same code path.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import math
 import warnings
@@ -20,8 +20,10 @@ from torch import nn
 from smile_ray.errors import SmileError
 from smile_ray.smile.layer import SmileLinear
 from smile_ray.smile.svd import Decomposer, SvdCache, SvdStats
+from smile_ray.smile.weights import ModelWeights, as_weights
 
-Experts = Sequence[nn.Module] | Mapping[str, nn.Module]
+Model = nn.Module | ModelWeights
+Experts = Sequence[Model] | Mapping[str, Model]
 
 
 @dataclass
@@ -40,18 +42,18 @@ class UpscaleInfo:
         self.svd_computed, self.svd_cache_hits, self.svd_seconds = stats.computed, stats.cache_hits, stats.seconds
 
 
-def named_experts(experts: Experts) -> dict[str, nn.Module]:
-    """Experts as an ordered name → model mapping (positional experts are named expert0, expert1, …)."""
+def named_experts(experts: Experts) -> dict[str, ModelWeights]:
+    """Experts as an ordered name → weights mapping (positional experts are named expert0, expert1, …)."""
     if isinstance(experts, Mapping):
-        return dict(experts)
-    return {f"expert{i}": model for i, model in enumerate(experts)}
+        return {name: as_weights(model) for name, model in experts.items()}
+    return {f"expert{i}": as_weights(model) for i, model in enumerate(experts)}
 
 
-def check_same_architecture(base: nn.Module, experts: Mapping[str, nn.Module]) -> None:
+def check_same_architecture(base: Model, experts: Mapping[str, Model]) -> None:
     """Raise SmileError naming the first parameter whose name or shape differs from the base's."""
-    shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
+    shapes = as_weights(base).shapes()
     for expert_name, expert in experts.items():
-        theirs = {name: tuple(p.shape) for name, p in expert.named_parameters()}
+        theirs = as_weights(expert).shapes()
         missing = [n for n in shapes if n not in theirs] + [n for n in theirs if n not in shapes]
         if missing:
             where = "missing from" if missing[0] in shapes else "not in the pretrained model but in"
@@ -93,7 +95,7 @@ def is_zero(tensor: torch.Tensor | None) -> bool:
     return -1e-8 <= low and high <= 1e-8
 
 
-def upscale(base: nn.Module, experts: Experts, *, gate_k: int, k: int, top_k: int = 1,
+def upscale(base: Model, experts: Experts, *, gate_k: int, k: int, top_k: int = 1,
             routing_use_diff: bool = True, average_experts: bool = False, targets: Sequence[str] | None = None,
             svd_cache: SvdCache | str | Path | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Build a SMILE model from a pretrained `base` and fine-tuned `experts` of the same architecture.
@@ -106,7 +108,7 @@ def upscale(base: nn.Module, experts: Experts, *, gate_k: int, k: int, top_k: in
     svd_cache: a directory (or SvdCache) reusing truncated SVDs across calls; device: where SVDs run.
     Returns a new module (the inputs are untouched) with `.smile_info` (an UpscaleInfo).
     """
-    experts = named_experts(experts)
+    base, experts = as_weights(base), named_experts(experts)
     if not experts:
         raise SmileError("experts: at least one fine-tuned model is needed")
     if not isinstance(gate_k, int) or gate_k <= 0:
@@ -118,26 +120,29 @@ def upscale(base: nn.Module, experts: Experts, *, gate_k: int, k: int, top_k: in
     check_same_architecture(base, experts)
     decomposer = Decomposer(svd_cache, device)
     info = UpscaleInfo()
-    model = copy.deepcopy(base)
-    expert_modules = [dict(e.named_modules()) for e in experts.values()]
+    names = [name for name in base.linear_names() if matches(name, targets)]
+    model = base.instantiate(without=names)
 
     with torch.no_grad():
-        for name, module in base.named_modules():
-            if not (isinstance(module, nn.Linear) and matches(name, targets)):
-                continue
-            layer = smile_layer(name, module, [m[name] for m in expert_modules], list(experts),
-                                gate_k=gate_k, k=k, top_k=top_k, routing_use_diff=routing_use_diff,
+        for name in names:
+            pretrained = base.linear(name)
+            layer = smile_layer(name, pretrained, [expert.linear(name) for expert in experts.values()],
+                                list(experts), gate_k=gate_k, k=k, top_k=top_k, routing_use_diff=routing_use_diff,
                                 decomposer=decomposer, info=info)
-            if layer is not None and name:
-                model.set_submodule(name, layer)
-            elif layer is not None:              # the base itself is a single nn.Linear
-                model = layer
+            if layer is None and not base.lazy:  # the copy of the base holds this layer already
+                continue
+            replacement = pretrained if layer is None else layer
+            if name:
+                model.set_submodule(name, replacement)
+            else:                                # the base itself is a single nn.Linear
+                model = replacement
         if average_experts:
             average_non_linear(model, list(experts.values()))
 
     if info.clamped_layers:
         # name only the rank(s) above some clamped layer's full rank: k=32 does not exceed a 128-wide layer
-        smallest = min(min(base.get_submodule(name).weight.shape) for name in info.clamped_layers)
+        shapes = base.shapes()
+        smallest = min(min(shapes[f"{name}.weight" if name else "weight"]) for name in info.clamped_layers)
         over = [f"{label}={value}" for label, value in (("gate_k", gate_k), ("k", k)) if value > smallest]
         warnings.warn(f"{', '.join(over)} {'exceeds' if len(over) == 1 else 'exceed'} min(in, out) of "
                       f"{len(info.clamped_layers)} layer(s) "
@@ -213,13 +218,12 @@ def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_nam
     return layer
 
 
-def average_non_linear(model: nn.Module, experts: list[nn.Module]) -> None:
-    """Replace every parameter outside nn.Linear layers by the mean of the experts' copies."""
+def average_non_linear(model: nn.Module, experts: list[ModelWeights]) -> None:
+    """Replace every parameter outside nn.Linear layers by the mean of the experts' copies (read one at a time)."""
     linear_params = {f"{name}.{p}" for name, m in model.named_modules()
                      if isinstance(m, (nn.Linear, SmileLinear)) for p, _ in m.named_parameters()}
-    expert_params = [dict(e.named_parameters()) for e in experts]
     for name, param in model.named_parameters():
         if name in linear_params:
             continue
-        mean = torch.stack([p[name].detach().float() for p in expert_params]).mean(dim=0)
-        param.copy_(mean.to(param.dtype))
+        total = sum(expert.tensor(name).float() for expert in experts)
+        param.copy_((total / len(experts)).to(param.dtype))
