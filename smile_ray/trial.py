@@ -123,5 +123,6 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
         report["routing"] = {"experts": list(pools.models.expert_names), "tasks": routing,
                              **({"own_expert_share": sum(own.values()) / len(own)} if own else {})}
     if save_model_dir is not None:
-        save_model(merged.to("cpu"), save_model_dir)
+        load_tokenizer = getattr(pools.models, "load_tokenizer", None)
+        save_model(merged.to("cpu"), save_model_dir, tokenizer=load_tokenizer() if load_tokenizer else None)
     return report

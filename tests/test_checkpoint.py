@@ -115,3 +115,88 @@ def test_a_smile_t5_generates_the_same_tokens_where_smile_ray_cannot_be_imported
     """)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected.tolist()
+
+
+@pytest.fixture(scope="module", params=["mistral", "llama", "qwen2"])
+def causal_saved(request, tmp_path_factory):
+    """A SMILE model of a tiny causal-LM pool, upscaled from its checkpoint files, saved with its tokenizer; the
+    tokens greedy generation gives in this process."""
+    from smile_ray.smile.weights import CheckpointWeights
+    from tests.lm_fixtures import UNCHANGED, save_causal_pool, tiny_tokenizer
+
+    tmp = tmp_path_factory.mktemp(f"causal_{request.param}")
+    pool = save_causal_pool(tmp / "pool", request.param)
+    model = upscale(CheckpointWeights(pool["base"]), {n: CheckpointWeights(d) for n, d in pool["experts"].items()},
+                    gate_k=4, k=8, top_k=2, targets=["*_proj"])
+    prompt = torch.tensor([[1, 10, 11, 12, 13]])
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    save_model(model, tmp / "model", tokenizer=tiny_tokenizer(), max_shard_size="100KB")
+    return {"dir": tmp / "model", "tmp": tmp, "prompt": prompt.tolist(), "expected": expected.tolist(),
+            "architecture": request.param, "unchanged": UNCHANGED}
+
+
+def test_a_causal_checkpoint_records_its_layers_and_code(causal_saved):
+    config = json.loads((causal_saved["dir"] / "config.json").read_text())
+    variant = {"mistral": "SmileMistralForCausalLM", "llama": "SmileLlamaForCausalLM",
+               "qwen2": "SmileQwen2ForCausalLM"}[causal_saved["architecture"]]
+    assert config["architectures"] == [variant] and config["model_type"] == f"smile_{causal_saved['architecture']}"
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_smile.{variant}"
+    assert (config["num_local_experts"], config["num_experts_per_tok"], config["rank_of_router"],
+            config["rank_of_expert"]) == (3, 2, 4, 8)
+    assert config["smile_skipped_layers"] == [causal_saved["unchanged"]]
+    assert causal_saved["unchanged"] not in config["smile_layers"] and len(config["smile_layers"]) == 13
+    names = {p.name for p in causal_saved["dir"].iterdir()}
+    assert {"modeling_smile.py", "layer.py", "model.safetensors.index.json", "tokenizer.json"} <= names
+
+
+def test_a_causal_checkpoint_generates_the_same_tokens_where_smile_ray_cannot_be_imported(causal_saved):
+    done = run_elsewhere(causal_saved, f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained({str(causal_saved["dir"])!r}, trust_remote_code=True).eval()
+        AutoTokenizer.from_pretrained({str(causal_saved["dir"])!r}, trust_remote_code=True)
+        prompt = torch.tensor({causal_saved["prompt"]!r})
+        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+        print(json.dumps(tokens.tolist()))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == causal_saved["expected"]
+
+
+def test_a_causal_checkpoint_is_refused_without_remote_code(causal_saved):
+    done = run_elsewhere(causal_saved, f"""
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained({str(causal_saved["dir"])!r})
+    """)
+    assert done.returncode != 0 and "trust_remote_code=True" in done.stderr
+
+
+@pytest.mark.parametrize("causal_saved", ["mistral"], indirect=True)
+def test_lm_eval_evaluates_a_causal_checkpoint(causal_saved):
+    tasks = causal_saved["tmp"] / "tasks"
+    tasks.mkdir(exist_ok=True)
+    rows = [{"prompt": f"w{i} w{i + 1}", "answer": f"w{i + 2}"} for i in range(4, 12)]
+    (tasks / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tasks / "tiny_gen.yaml").write_text(textwrap.dedent(f"""
+        task: tiny_gen
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{test: {tasks / "rows.jsonl"}}}}}
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{{{prompt}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        generation_kwargs: {{until: ["</s>"], do_sample: false, max_gen_toks: 4}}
+        metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
+        metadata: {{version: 1.0}}
+    """))
+    command = [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf", "--model_args",
+               f"pretrained={causal_saved['dir']},trust_remote_code=True", "--tasks", "tiny_gen",
+               "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4",
+               "--output_path", str(causal_saved["tmp"] / "lm_eval_out")]
+    env = {**os.environ, "HF_HOME": str(causal_saved["tmp"] / "hf_home"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=causal_saved["tmp"], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tiny_gen" in done.stdout and "exact_match" in done.stdout

@@ -28,17 +28,34 @@ def as_smile_variant(model: transformers.PreTrainedModel) -> transformers.PreTra
     if variant is None:
         raise SmileError(f"--save-model: SMILE models of {type(model).__name__} cannot be saved yet (supported: "
                          f"{', '.join(VARIANTS)})")
+    from accelerate import init_empty_weights
+
     settings = {key: value for key, value in model.config.to_dict().items()
                 if key not in ("model_type", "architectures", "auto_map", "transformers_version")}
-    config = variant.config_class(**settings, smile_layers=smile_layout(model))
-    with torch.device("meta"):
+    layout = smile_layout(model)
+    info = getattr(model, "smile_info", None)
+    config = variant.config_class(**settings, smile_layers=layout, **reference_fields(layout),
+                                  smile_skipped_layers=info.skipped_layers if info else [])
+    with init_empty_weights(include_buffers=False):        # buffers the model computes (rotary frequencies) stay real
         smile = variant(config)
     smile.load_state_dict(model.state_dict(), strict=True, assign=True)
+    smile.tie_weights()
     return smile.eval()
 
 
-def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write `model` (a transformers PreTrainedModel) to `directory` atomically; returns the directory."""
+def reference_fields(layout: dict[str, dict]) -> dict[str, int]:
+    """The reference implementation's config fields, from the layers' shapes: the ranks asked for (the largest any
+    layer holds; a dense layer makes rank_of_expert −1)."""
+    shapes = list(layout.values())
+    ks = [shape["k"] for shape in shapes]
+    return {"num_local_experts": shapes[0]["num_experts"], "num_experts_per_tok": shapes[0]["top_k"],
+            "rank_of_router": max(shape["gate_k"] for shape in shapes),
+            "rank_of_expert": -1 if min(ks) < 0 else max(ks)}
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_shard_size: str = "5GB") -> Path:
+    """Write `model` (a transformers PreTrainedModel), and its tokenizer or processor if given, to `directory`
+    atomically, as safetensors shards of at most `max_shard_size`; returns the directory."""
     directory = Path(directory)
     if not isinstance(model, transformers.PreTrainedModel):
         raise SmileError(f"--save-model: only Hugging Face models can be saved, not {type(model).__name__}")
@@ -48,7 +65,9 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         transformers.utils.logging.disable_progress_bar()
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         _default_permissions(tmp)
         if directory.exists():
             shutil.rmtree(directory)

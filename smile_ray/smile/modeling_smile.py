@@ -12,6 +12,11 @@ than building the plain architecture with re-initialised layers.
 A variant is the architecture's own config and model class with one addition: the config lists, under
 `smile_layers`, every linear layer that is a SmileLinear (name → its shape: experts, gate_k, k, top_k, bias), and
 the model swaps those `nn.Linear` layers for SmileLinear layers when it is built; the weights then load by name.
+Everything else (attention implementation, KV cache, generation) is the installed transformers class's own.
+`smile_skipped_layers` names the upscaling targets that no expert changed, which stay plain nn.Linear layers, and
+the reference implementation's fields say what was asked for: `num_local_experts` (experts), `num_experts_per_tok`
+(top_k), `rank_of_router` (gate_k), `rank_of_expert` (k; negative: dense experts). A layer narrower than the ranks
+asked for holds its full rank; `smile_layers` has each layer's own.
 This file imports only torch, transformers and `.layer`.
 """
 from __future__ import annotations
@@ -19,7 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
+from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration)
 
 from .layer import SmileLinear
 
@@ -49,9 +55,14 @@ def smile_variant(config_class: type, model_class: type, auto_class: str = "Auto
     """(SmileConfig, SmileModel) subclasses of an architecture's config and model classes; `auto_class` is the Auto
     class that loads the model (AutoModel, AutoModelForSeq2SeqLM, …)."""
 
-    def config_init(self, smile_layers: dict | None = None, **kwargs: Any) -> None:
+    def config_init(self, smile_layers: dict | None = None, smile_skipped_layers: list | None = None,
+                    num_local_experts: int | None = None, num_experts_per_tok: int = 1, rank_of_router: int | None = None,
+                    rank_of_expert: int | None = None, **kwargs: Any) -> None:
         config_class.__init__(self, **kwargs)
         self.smile_layers = dict(smile_layers or {})
+        self.smile_skipped_layers = list(smile_skipped_layers or [])
+        self.num_local_experts, self.num_experts_per_tok = num_local_experts, num_experts_per_tok
+        self.rank_of_router, self.rank_of_expert = rank_of_router, rank_of_expert
 
     def model_init(self, config, *args: Any, **kwargs: Any) -> None:
         model_class.__init__(self, config, *args, **kwargs)
@@ -71,6 +82,10 @@ def smile_variant(config_class: type, model_class: type, auto_class: str = "Auto
 SmileCLIPVisionConfig, SmileCLIPVisionModel = smile_variant(CLIPVisionConfig, CLIPVisionModel)
 SmileT5Config, SmileT5ForConditionalGeneration = smile_variant(T5Config, T5ForConditionalGeneration,
                                                                "AutoModelForSeq2SeqLM")
+SmileMistralConfig, SmileMistralForCausalLM = smile_variant(MistralConfig, MistralForCausalLM, "AutoModelForCausalLM")
+SmileLlamaConfig, SmileLlamaForCausalLM = smile_variant(LlamaConfig, LlamaForCausalLM, "AutoModelForCausalLM")
+SmileQwen2Config, SmileQwen2ForCausalLM = smile_variant(Qwen2Config, Qwen2ForCausalLM, "AutoModelForCausalLM")
 
-VARIANTS: dict[str, type] = {"CLIPVisionModel": SmileCLIPVisionModel,      # architecture → its SMILE variant
-                             "T5ForConditionalGeneration": SmileT5ForConditionalGeneration}
+VARIANTS: dict[str, type] = {model.__mro__[1].__name__: model for model in (      # architecture → its SMILE variant
+    SmileCLIPVisionModel, SmileT5ForConditionalGeneration, SmileMistralForCausalLM, SmileLlamaForCausalLM,
+    SmileQwen2ForCausalLM)}
