@@ -79,3 +79,18 @@ def test_a_missing_tensor_is_named(pool):
     del base.entries["model.norm.weight"]
     with pytest.raises(SmileError, match=r"no weight 'model.norm.weight' in .*base \(1 of the model's weights"):
         base.instantiate()
+
+
+def test_the_lm_head_stays_the_base_s_and_average_experts_averages_it(tmp_path):
+    pool = save_causal_pool(tmp_path, "qwen2", experts=2)
+    for directory in pool["experts"].values():         # experts whose lm_head changed too
+        model = whole(directory)
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)
+        model.save_pretrained(directory, max_shard_size="40KB")
+    base, experts = on_disk(pool)
+    upscaled = upscale(base, experts, gate_k=4, k=8)
+    assert type(upscaled.lm_head) is nn.Linear and "lm_head" not in upscaled.smile_info.upscaled_layers
+    assert torch.equal(upscaled.lm_head.weight, whole(pool["base"]).lm_head.weight)
+    averaged = upscale(base, experts, gate_k=4, k=8, average_experts=True)
+    assert torch.allclose(averaged.lm_head.weight, whole(pool["base"]).lm_head.weight + 1.0)

@@ -20,7 +20,7 @@ from torch import nn
 from smile_ray.errors import SmileError
 from smile_ray.smile.layer import SmileLinear
 from smile_ray.smile.svd import Decomposer, SvdCache, SvdStats
-from smile_ray.smile.weights import ModelWeights, as_weights
+from smile_ray.smile.weights import ModelWeights, as_weights, linear_layers
 
 Model = nn.Module | ModelWeights
 Experts = Sequence[Model] | Mapping[str, Model]
@@ -102,8 +102,8 @@ def upscale(base: Model, experts: Experts, *, gate_k: int, k: int, top_k: int = 
 
     gate_k: router rank per expert; k: expert rank (< 0: dense experts); top_k: experts per token.
     routing_use_diff: route with the right singular vectors of ΔWᵢ (True) or of Wᵢ (False).
-    average_experts: parameters outside linear layers (LayerNorms, embeddings, convs) become the
-      experts' mean instead of staying pretrained.
+    average_experts: parameters outside the linear layers (LayerNorms, embeddings and an lm_head, convs)
+      become the experts' mean instead of staying pretrained.
     targets: module-name patterns choosing which nn.Linear layers to upscale (default: all).
     svd_cache: a directory (or SvdCache) reusing truncated SVDs across calls; device: where SVDs run.
     Returns a new module (the inputs are untouched) with `.smile_info` (an UpscaleInfo).
@@ -219,9 +219,10 @@ def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_nam
 
 
 def average_non_linear(model: nn.Module, experts: list[ModelWeights]) -> None:
-    """Replace every parameter outside nn.Linear layers by the mean of the experts' copies (read one at a time)."""
-    linear_params = {f"{name}.{p}" for name, m in model.named_modules()
-                     if isinstance(m, (nn.Linear, SmileLinear)) for p, _ in m.named_parameters()}
+    """Replace every parameter outside the linear layers SMILE may upscale (embeddings, an lm_head, norms) by the
+    mean of the experts' copies, read one at a time."""
+    kept = [*linear_layers(model), *(name for name, m in model.named_modules() if isinstance(m, SmileLinear))]
+    linear_params = {f"{name}.{p}" for name in kept for p, _ in model.get_submodule(name).named_parameters()}
     for name, param in model.named_parameters():
         if name in linear_params:
             continue

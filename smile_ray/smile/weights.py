@@ -7,6 +7,8 @@ at a time, so that no expert is ever a whole model in memory.
     model = base.instantiate(without=[...])             # every other weight loaded; the named layers left to fill
 
 `ModuleWeights` gives an nn.Module the same interface, so upscale and the baselines have one code path for both.
+Either way the linear layers SMILE may upscale are the model's nn.Linear layers except its output embeddings (a
+language model's lm_head), which, like the input embeddings and the norms, stay the base's.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ class ModuleWeights:
         return self.params[name].detach()
 
     def linear_names(self) -> list[str]:
-        return [name for name, m in self.module.named_modules() if isinstance(m, nn.Linear)]
+        return linear_layers(self.module)
 
     def linear(self, name: str) -> nn.Module:
         return self.module.get_submodule(name)
@@ -122,7 +124,7 @@ class CheckpointWeights:
             return self.model_class._from_config(copy.deepcopy(self.config), dtype=self.dtype).eval()
 
     def linear_names(self) -> list[str]:
-        return [name for name, m in self.skeleton().named_modules() if isinstance(m, nn.Linear)]
+        return linear_layers(self.skeleton())
 
     def linear(self, name: str) -> nn.Linear:
         weight = self.tensor(f"{name}.weight")
@@ -152,6 +154,12 @@ class CheckpointWeights:
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.skeleton().parameters())
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear layers of `model` that are not its output embeddings."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
 
 
 def causal_lm_class(config) -> type:
