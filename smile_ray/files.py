@@ -57,3 +57,15 @@ def write_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_new_directory(path: str | os.PathLike, what: str) -> None:
+    """Refuse (SmileError naming `what`) a path that holds a file or a non-empty directory: a model is written
+    into a new or empty directory, never over something else."""
+    from smile_ray.errors import SmileError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SmileError(f"{what} {path}: is a file; give a new or empty directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise SmileError(f"{what} {path}: is not empty; give a new or empty directory")

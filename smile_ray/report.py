@@ -70,8 +70,8 @@ def build_report(results: Mapping[str, Mapping[str, float]], *, model: Any = Non
     report: dict[str, Any] = {"model_info": info}
     for task in task_names(results):
         report[task] = {metric: float(value) for metric, value in results[task].items()}
-    if not task_names(report):
-        raise ValueError("results hold no task")
+    if not task_names(report) and primary is None:
+        raise ValueError("results hold no task")      # (a task pool that declares no tasks, `dummy`, passes {})
     average = average_metrics(report, primary) if primary is not None else (results.get("average")
                                                                              or average_metrics(report))
     report["average"] = {metric: float(value) for metric, value in average.items()}

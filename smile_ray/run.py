@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from smile_ray.errors import SmileError, user_message
-from smile_ray.files import write_json
-from smile_ray.report import format_task_table
+from smile_ray.files import check_new_directory, write_json
+from smile_ray.report import format_task_table, task_names
 from smile_ray.sources import check_sources
 from smile_ray.spec import apply_overrides, load_yaml, parse_space
 
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = parse_space(apply_overrides(config, args.overrides), "run")   # the checks a sweep makes
         method = spec.single_point()
         check_sources(spec.model_pool.sources() + spec.task_pool.sources())
+        if args.save_model:
+            check_new_directory(args.save_model, "--save-model")
         import torch                     # the model stack loads after the checks: bad input is refused fast
 
         from smile_ray.hub import quiet_transformers
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except SmileError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
-    print(format_task_table(report))
+    if task_names(report):
+        print(format_task_table(report))
     info, timings = report["model_info"], report["timings"]
     print(f"parameters: {info['all_params']:,} ({info['ratio']:.2f}× the pretrained model, "
           f"{info['active_params']:,} active per token)")

@@ -421,19 +421,23 @@ def reported_metrics(scores: Mapping[str, TaskScores]) -> dict[str, str | None]:
     from smile_ray.report import MODEL_INFO_NUMBERS, TIMINGS
 
     reported: dict[str, str | None] = {f"{task}/{name}": s.mode(name) for task, s in scores.items() for name in s.names}
-    first = next(iter(scores.values()))
-    reported.update({f"average/{name}": first.mode(name) for name in first.names
-                     if all(name in s.names for s in scores.values())})
-    reported["average/score"] = "max"
+    if scores:
+        first = next(iter(scores.values()))
+        reported.update({f"average/{name}": first.mode(name) for name in first.names
+                         if all(name in s.names for s in scores.values())})
+        reported["average/score"] = "max"
     reported.update({f"model_info/{key}": None for key in MODEL_INFO_NUMBERS})
     reported.update({f"timings/{key}": None for key in TIMINGS})
     return reported
 
 
 def _objective(search: Mapping[str, Any], scores: Mapping[str, TaskScores]) -> tuple[str, str]:
-    """search.metric (default: average/accuracy where every task reports accuracy, else average/score), checked
-    against what trials report, and search.mode (default: the metric's declared direction), checked against it."""
+    """search.metric (default: average/accuracy where every task reports accuracy, else average/score; with no
+    tasks, model_info/all_params, smallest first), checked against what trials report, and search.mode (default: the
+    metric's declared direction), checked against it."""
     reported = reported_metrics(scores)
+    if not scores and not search["metric"]:
+        return "model_info/all_params", search["mode"] or "min"
     metric = search["metric"] or ("average/accuracy" if "average/accuracy" in reported else "average/score")
     if metric not in reported:
         averages = ", ".join(key for key in reported if key.startswith("average/"))

@@ -13,12 +13,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import huggingface_hub
 import torch
 import transformers
 from torch import nn
 
 from smile_ray.errors import SmileError
-from smile_ray.files import default_dir_mode, default_file_mode
+from smile_ray.files import check_new_directory, default_dir_mode, default_file_mode
 from smile_ray.smile.modeling_smile import VARIANTS, smile_layout
 
 
@@ -57,6 +58,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, tokenizer=None, m
     """Write `model` (a transformers PreTrainedModel), and its tokenizer or processor if given, to `directory`
     atomically, as safetensors shards of at most `max_shard_size`; returns the directory."""
     directory = Path(directory)
+    check_new_directory(directory, "--save-model")
     if not isinstance(model, transformers.PreTrainedModel):
         raise SmileError(f"--save-model: only Hugging Face models can be saved, not {type(model).__name__}")
     if smile_layout(model):
@@ -65,12 +67,13 @@ def save_model(model: nn.Module, directory: str | os.PathLike, tokenizer=None, m
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _default_permissions(tmp)
         if directory.exists():
-            shutil.rmtree(directory)
+            directory.rmdir()                            # empty (checked above)
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""`model_pool: {kind: causal_lm}` with `task_pool: {kind: dummy}`: upscale and save from local directories, and the
+bad inputs it refuses alike in `run` and a sweep (one line, exit 2, nothing written)."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from smile_ray import run, tune
+from smile_ray.smile.checkpoint import load_model
+from tests.lm_fixtures import save_causal_pool
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return save_causal_pool(tmp_path_factory.mktemp("causal"))
+
+
+def space(pool, method=None, **experts) -> dict:
+    return {"model_pool": {"kind": "causal_lm", "base": str(pool["base"]),
+                           "experts": {**{n: str(d) for n, d in pool["experts"].items()}, **experts}},
+            "task_pool": {"kind": "dummy"},
+            "method": method or {"name": "smile", "gate_k": 4, "k": 8}}
+
+
+def write(tmp_path, config) -> str:
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_run_upscales_and_saves_a_causal_pool(pool, tmp_path, capsys):
+    config = write(tmp_path, space(pool))
+    assert run.main(["--config", config, "--save-model", str(tmp_path / "model"), "--report",
+                     str(tmp_path / "report.json"), "--no-svd-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: " in out and f"model: {tmp_path / 'model'}" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["average"] == {} and report["model_info"]["svd_calls"] == 13 * 3
+    model = load_model(tmp_path / "model")
+    assert type(model).__name__ == "SmileMistralForCausalLM"
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 96)
+
+
+def test_save_model_refuses_a_non_empty_directory_before_loading(pool, tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    assert run.main(["--config", write(tmp_path, space(pool)), "--save-model", str(tmp_path / "model")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --save-model {tmp_path / 'model'}: is not empty; give a new or " \
+                                              "empty directory"
+    assert (tmp_path / "model" / "notes.txt").read_text() == "mine"
+
+
+def t5_model(path, pool):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                        num_heads=2)).save_pretrained(path)
+
+
+def wider_vocabulary(path, pool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pool["experts"]["expert0"])
+    model.resize_token_embeddings(128)
+    model.save_pretrained(path)
+
+
+def missing_shard(path, pool):
+    shutil.copytree(pool["experts"]["expert0"], path)
+    next(path.glob("model-00002-*.safetensors")).unlink()
+
+
+BAD = {   # the bad expert → what the one line says
+    "another_architecture": (t5_model, "holds a t5 model, not mistral like the base model"),
+    "another_vocabulary": (wider_vocabulary, "shape [128, 64], the base model [96, 64]"),
+    "missing_shard": (missing_shard, "names model-00002-of-"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_expert_is_refused_alike_by_run_and_by_a_sweep(case, pool, tmp_path, capsys):
+    make, message = BAD[case]
+    make(tmp_path / "bad", pool)
+    capsys.readouterr()
+    config = write(tmp_path, space(pool, bad=str(tmp_path / "bad")))
+    said = {}
+    assert run.main(["--config", config, "--save-model", str(tmp_path / "model")]) == 2
+    said["run"] = capsys.readouterr().err.strip()
+    assert tune.main(["--space", config, "--output", str(tmp_path / "out"),
+                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    said["sweep"] = capsys.readouterr().err.strip()
+    assert said["run"] == said["sweep"], said
+    assert said["run"].startswith("error: model_pool.experts.bad: ") and message in said["run"], said["run"]
+    assert "\n" not in said["run"]
+    assert not any(p.exists() for p in (tmp_path / "model", tmp_path / "out", tmp_path / "mlflow.db"))
+
+
+def test_a_base_that_is_not_a_causal_lm_is_refused(pool, tmp_path, capsys):
+    t5_model(tmp_path / "t5", pool)
+    config = space(pool)
+    config["model_pool"]["base"] = str(tmp_path / "t5")
+    assert run.main(["--config", write(tmp_path, config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model_pool.base: ") and "holds a t5 model, not mistral or llama or qwen2" in err
