@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from smile_ray.files import default_file_mode
 
 MIN_PARALLEL_GRAM = 256         # smaller side below which one thread is faster (bench/svd_threads.py)
+GRAM_BLOCK_BYTES = 4 << 20      # on a CPU, rows are taken to float64 this many bytes at a time
 _counter_lock = threading.Lock()
 _svd_calls = 0
 
@@ -89,21 +90,27 @@ def torch_threads(count: int | None) -> Iterator[None]:
 
 
 def _decompose(matrix: torch.Tensor, rank: int, device: torch.device | str | None) -> Factors:
-    """truncated_svd's work, on the threads torch has now."""
+    """truncated_svd's work, on the threads torch has now. The float64 Gram matrix and the other side's vectors
+    are accumulated over blocks of rows, so the matrix is never copied whole in float64."""
     m, n = matrix.shape
     full = min(m, n)
     rank = min(rank, full)
-    a = matrix.to(device=device or matrix.device, dtype=torch.float64)
-    transpose = m < n                       # work with the n × n or m × m Gram matrix, whichever is smaller
-    if transpose:
-        a = a.T
-    eigvals, eigvecs = torch.linalg.eigh(a.T @ a)                # ascending
+    device = torch.device(device or matrix.device)
+    rows = matrix.T if m < n else matrix         # work with the smaller Gram matrix: rows (p × q), q = min(m, n)
+    block = len(rows) if device.type != "cpu" else max(1, GRAM_BLOCK_BYTES // (8 * rows.shape[1]))
+    gram = torch.zeros(full, full, dtype=torch.float64, device=device)
+    for b in rows.split(block):
+        b = b.to(device=device, dtype=torch.float64)
+        gram.addmm_(b.T, b)
+    eigvals, eigvecs = torch.linalg.eigh(gram)                   # ascending
+    del gram
     eigvals, eigvecs = eigvals.flip(0)[:rank], eigvecs.flip(1)[:, :rank]
     s = eigvals.clamp_min(0).sqrt()
     live = s > s[:1] * 1e-6                  # below this, the Gram matrix's float64 rounding dominates
-    other = (a @ eigvecs) / torch.where(live, s, 1.0)
+    other = torch.cat([b.to(device=device, dtype=torch.float64) @ eigvecs for b in rows.split(block)])
+    other = other / torch.where(live, s, 1.0)
     eigvecs, other, s = eigvecs * live, other * live, s * live
-    u, v = (eigvecs, other) if transpose else (other, eigvecs)
+    u, v = (eigvecs, other) if m < n else (other, eigvecs)
     to_cpu = {"device": "cpu", "dtype": torch.float32}
     return Factors(u.to(**to_cpu).contiguous(), s.to(**to_cpu), v.to(**to_cpu).contiguous(), rank == full)
 

@@ -20,7 +20,7 @@ from torch import nn
 from smile_ray.errors import SmileError
 from smile_ray.smile.layer import SmileLinear
 from smile_ray.smile.svd import Decomposer, SvdCache, SvdStats
-from smile_ray.smile.weights import ModelWeights, as_weights, linear_layers
+from smile_ray.smile.weights import ModelWeights, as_weights, linear_layers, return_freed_memory
 
 Model = nn.Module | ModelWeights
 Experts = Sequence[Model] | Mapping[str, Model]
@@ -126,9 +126,10 @@ def upscale(base: Model, experts: Experts, *, gate_k: int, k: int, top_k: int = 
     with torch.no_grad():
         for name in names:
             pretrained = base.linear(name)
-            layer = smile_layer(name, pretrained, [expert.linear(name) for expert in experts.values()],
-                                list(experts), gate_k=gate_k, k=k, top_k=top_k, routing_use_diff=routing_use_diff,
-                                decomposer=decomposer, info=info)
+            layer = smile_layer(name, pretrained, experts, gate_k=gate_k, k=k, top_k=top_k,
+                                routing_use_diff=routing_use_diff, decomposer=decomposer, info=info)
+            if base.lazy:
+                return_freed_memory()            # this layer's temporaries, before the next layer's
             if layer is None and not base.lazy:  # the copy of the base holds this layer already
                 continue
             replacement = pretrained if layer is None else layer
@@ -156,43 +157,31 @@ def upscale(base: Model, experts: Experts, *, gate_k: int, k: int, top_k: int = 
     return model
 
 
-def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_names: list[str], *, gate_k: int,
-                k: int, top_k: int, routing_use_diff: bool, decomposer: Decomposer,
-                info: UpscaleInfo) -> SmileLinear | None:
-    """One SmileLinear from a pretrained linear and its fine-tuned copies; None if nothing was trained."""
-    for expert, expert_name in zip(experts, expert_names):
-        if not isinstance(expert, nn.Linear):
-            raise SmileError(f"{name}: expert '{expert_name}' has a {type(expert).__name__} here, not nn.Linear")
-    tensors = {"the pretrained model": base.weight, "the pretrained bias": base.bias}
-    for expert, expert_name in zip(experts, expert_names):
-        tensors[f"expert '{expert_name}'"] = expert.weight
-        tensors[f"expert '{expert_name}' bias"] = expert.bias
-    check_finite(name, tensors)
-
-    w0 = base.weight.detach().float()
-    deltas = [e.weight.detach().float() - w0 for e in experts]
-    bias_deltas = [None if base.bias is None else e.bias.detach().float() - base.bias.detach().float() for e in experts]
-    routable = [not is_zero(d) for d in deltas]
-    if not any(routable):       # no expert's weight changed: nothing to route by (the reference skips it too)
-        info.skipped_layers.append(name)
-        if not all(is_zero(b) for b in bias_deltas):
-            info.dropped_bias_layers.append(name)
-        return None
-
-    out_features, in_features = w0.shape
+def smile_layer(name: str, base: nn.Linear, experts: Mapping[str, ModelWeights], *, gate_k: int, k: int, top_k: int,
+                routing_use_diff: bool, decomposer: Decomposer, info: UpscaleInfo) -> SmileLinear | None:
+    """One SmileLinear from a pretrained linear and the experts' copies of it; None if nothing was trained.
+    Experts are read and decomposed one at a time, so a layer costs the memory of one expert's copy, not T."""
+    check_finite(name, {"the pretrained model": base.weight, "the pretrained bias": base.bias})
+    out_features, in_features = base.weight.shape
     full_rank = min(out_features, in_features)
-    if gate_k > full_rank or k > full_rank:
-        info.clamped_layers.append(name)
     layer_gate_k, layer_k = min(gate_k, full_rank), (min(k, full_rank) if k > 0 else k)
     layer = SmileLinear(in_features, out_features, len(experts), gate_k=layer_gate_k, k=layer_k, top_k=top_k,
                         bias=base.bias is not None, device=base.weight.device, dtype=base.weight.dtype)
     layer.base.load_state_dict(base.state_dict())
-
+    w0 = base.weight.detach().float()
+    b0 = None if base.bias is None else base.bias.detach().float()
     base_digest = decomposer.digest(base.weight)
     svd_rank = max(layer_gate_k, layer_k)
-    for i, (expert, delta) in enumerate(zip(experts, deltas)):
-        layer.routable[i] = routable[i]
-        if not routable[i]:                      # nothing learnt here: zero router vectors, zero expert
+    bias_changed = False
+    for i, (expert_name, weights) in enumerate(experts.items()):
+        expert = weights.linear(name)
+        if not isinstance(expert, nn.Linear):
+            raise SmileError(f"{name}: expert '{expert_name}' has a {type(expert).__name__} here, not nn.Linear")
+        check_finite(name, {f"expert '{expert_name}'": expert.weight, f"expert '{expert_name}' bias": expert.bias})
+        delta = expert.weight.detach().to(torch.float32, copy=True).sub_(w0)      # one float32 buffer
+        routable = not is_zero(delta)
+        layer.routable[i] = routable
+        if not routable:                         # nothing learnt here: zero router vectors, zero expert
             layer.gate[i].zero_()
             (layer.delta[i] if layer.dense_experts else layer.u[i]).zero_()
             if not layer.dense_experts:
@@ -213,7 +202,17 @@ def smile_layer(name: str, base: nn.Linear, experts: list[nn.Linear], expert_nam
                 layer.u[i].copy_(factors.u[:, :layer_k])
                 layer.svh[i].copy_(factors.s[:layer_k, None] * factors.v[:, :layer_k].T)
         if layer.expert_bias is not None:
-            layer.expert_bias[i].copy_(bias_deltas[i])
+            bias_delta = expert.bias.detach().float() - b0
+            bias_changed |= not is_zero(bias_delta)
+            layer.expert_bias[i].copy_(bias_delta)
+        del expert, delta
+    if not layer.routable.any():   # no expert's weight changed: nothing to route by (the reference skips it too)
+        info.skipped_layers.append(name)
+        if bias_changed:
+            info.dropped_bias_layers.append(name)
+        return None
+    if gate_k > full_rank or k > full_rank:
+        info.clamped_layers.append(name)
     info.upscaled_layers.append(name)
     return layer
 

@@ -13,6 +13,7 @@ language model's lm_head), which, like the input embeddings and the norms, stay 
 from __future__ import annotations
 
 import copy
+import ctypes
 from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
@@ -169,6 +170,24 @@ def causal_lm_class(config) -> type:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         raise SmileError(f"{config.model_type}: not a causal language model architecture") from None
+
+
+def return_freed_memory() -> None:
+    """Give memory freed since the last call back to the operating system (glibc's `malloc_trim`; elsewhere a no-op).
+    glibc keeps freed blocks up to 32 MiB in its heaps for reuse; a streamed upscale frees one layer's temporaries
+    (an expert's copy, a float32 task vector, the SVD's workspace) per layer, and without this its resident memory
+    grows by their fragments layer after layer (bench/stream_memory.py measures the peak)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def as_weights(model: nn.Module | ModelWeights) -> ModelWeights:
