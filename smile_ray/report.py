@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-RESERVED_KEYS = ("model_info", "average", "timings", "routing")
+RESERVED_KEYS = ("model_info", "average", "timings", "routing", "saved_model")
 # the numbers run_trial reports besides the tasks' METRICS (tests/test_run.py checks a real report against these)
 MODEL_INFO_NUMBERS = ("trainable_params", "all_params", "trainable_percentage", "active_params", "base_params",
                       "extra_params", "ratio", "svd_calls", "svd_cache_hits")

@@ -13,7 +13,7 @@ from pathlib import Path
 from smile_ray.errors import SmileError, user_message
 from smile_ray.files import check_new_directory, write_json
 from smile_ray.report import format_task_table, task_names
-from smile_ray.sources import check_sources
+from smile_ray.sources import check_pools
 from smile_ray.spec import apply_overrides, load_yaml, parse_space
 
 EMBEDDED_DEFAULT = {
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_yaml(args.config) if args.config else EMBEDDED_DEFAULT
         spec = parse_space(apply_overrides(config, args.overrides), "run")   # the checks a sweep makes
         method = spec.single_point()
-        check_sources(spec.model_pool.sources() + spec.task_pool.sources())
+        check_pools(spec.model_pool, spec.task_pool)
         if args.save_model:
             check_new_directory(args.save_model, "--save-model")
         import torch                     # the model stack loads after the checks: bad input is refused fast

@@ -255,3 +255,11 @@ def check_sources(sources: Sequence[Source]) -> None:
     if problems:
         more = fields[1:]
         raise SmileError(str(problems[0]) + (f" (also: {', '.join(more)})" if more else ""))
+
+
+def check_pools(models, tasks) -> None:
+    """What `smile_ray.run` and a sweep's driver check before anything loads: every model and dataset the pools name
+    (`check_sources`), then each pool kind's own checks."""
+    check_sources(models.sources() + tasks.sources())
+    models.check()
+    tasks.check()

@@ -395,9 +395,11 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
                      resources=_resources(document.get("resources")), tracking={})
     tracking = document.get("tracking") or {}
     _check_type("tracking", tracking, Mapping, "a mapping")
-    _check_fields("tracking", tracking, ["experiment"])
+    _check_fields("tracking", tracking, ["experiment", "save_model"])
     spec.tracking = {"experiment": _check_type("tracking.experiment", tracking.get("experiment", f"smile-{name}"),
-                                               str, "a string")}
+                                               str, "a string"),
+                     "save_model": _check_type("tracking.save_model", tracking.get("save_model", False), bool,
+                                               "true or false")}
     if len(methods) > 1 and spec.searched:
         raise _fail("method", "random distributions and choices need a single method block (grids may have many)")
     if search["algorithm"] == "grid" and spec.searched:

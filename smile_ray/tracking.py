@@ -294,7 +294,9 @@ class MlflowSweepCallback(tune.Callback):
                                       for metric in metrics}}, artifact_file="per_task.json")
             if isinstance(report.get("routing"), Mapping) and trial_id not in self.finished:
                 self._log_routing(run_id, report["routing"])
-            self._set_tags(run_id, {"smile_ray.stopped_early": "false"})
+            self._set_tags(run_id, {"smile_ray.stopped_early": "false",
+                                    **({"smile_ray.saved_model": str(report["saved_model"])}
+                                       if report.get("saved_model") else {})})
         else:
             self._set_tags(run_id, {"smile_ray.stopped_early": "true"})
         self.client.set_terminated(run_id, status="FINISHED")

@@ -175,22 +175,9 @@ def test_a_causal_checkpoint_is_refused_without_remote_code(causal_saved):
 
 @pytest.mark.parametrize("causal_saved", ["mistral"], indirect=True)
 def test_lm_eval_evaluates_a_causal_checkpoint(causal_saved):
-    tasks = causal_saved["tmp"] / "tasks"
-    tasks.mkdir(exist_ok=True)
-    rows = [{"prompt": f"w{i} w{i + 1}", "answer": f"w{i + 2}"} for i in range(4, 12)]
-    (tasks / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (tasks / "tiny_gen.yaml").write_text(textwrap.dedent(f"""
-        task: tiny_gen
-        dataset_path: json
-        dataset_kwargs: {{data_files: {{test: {tasks / "rows.jsonl"}}}}}
-        test_split: test
-        output_type: generate_until
-        doc_to_text: "{{{{prompt}}}}"
-        doc_to_target: "{{{{answer}}}}"
-        generation_kwargs: {{until: ["</s>"], do_sample: false, max_gen_toks: 4}}
-        metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
-        metadata: {{version: 1.0}}
-    """))
+    from tests.lm_fixtures import save_lm_eval_tasks
+
+    tasks = save_lm_eval_tasks(causal_saved["tmp"] / "tasks")
     command = [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf", "--model_args",
                f"pretrained={causal_saved['dir']},trust_remote_code=True", "--tasks", "tiny_gen",
                "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4",

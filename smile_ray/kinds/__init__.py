@@ -136,6 +136,9 @@ class PoolConfig:
         """Models and datasets to check before anything loads (smile_ray.sources.check_sources)."""
         return []
 
+    def check(self) -> None:
+        """A kind's own checks before anything loads, after its sources' (may import its libraries, not torch)."""
+
     def load(self, *args: Any) -> Any:
         module, _, function = self.loader.partition(":")
         return getattr(importlib.import_module(module), function)(self, *args)

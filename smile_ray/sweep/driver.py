@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S
 from smile_ray.files import write_json
-from smile_ray.sources import check_sources
+from smile_ray.sources import check_pools
 from smile_ray.spec import SweepSpec
 from smile_ray.sweep.record import (EXPERIMENT_DIR, SUMMARY_FILE, SVD_CACHE_DIR, SWEEP_FILE, SweepOptions,
                                     check_output, clear_sweep, refuse_existing_sweep, resumable_record, sweep_record)
@@ -81,7 +81,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     record = resumable_record(spec, options.output) if options.resume else {}
     if not options.resume:
         refuse_existing_sweep(options.output, options.overwrite)
-    check_sources(spec.model_pool.sources() + spec.task_pool.sources())
+    check_pools(spec.model_pool, spec.task_pool)
     options.tracking_uri = record.get("tracking_uri", options.tracking_uri)    # a sweep keeps the store it began with
     options.experiment = record.get("experiment", options.experiment)
     check_server(options.tracking_uri)

@@ -32,6 +32,9 @@ SWEEP_FILE = "sweep.json"
 REPORTS_DIR = "reports"
 
 
+MODELS_DIR = "models"                    # tracking.save_model: one checkpoint per trial, named by its trial id
+
+
 @dataclass
 class SweepOptions:
     output: Path

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from smile_ray.spec import SweepSpec
-from smile_ray.sweep.record import EXPERIMENT_DIR, REPORTS_DIR, SVD_CACHE_DIR, SweepOptions
+from smile_ray.sweep.record import EXPERIMENT_DIR, MODELS_DIR, REPORTS_DIR, SVD_CACHE_DIR, SweepOptions
 from smile_ray.sweep.workers import smile_trial
 
 
@@ -51,7 +51,8 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
 
     trainable = tune.with_resources(
         tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.output / SVD_CACHE_DIR),
-                             reports_dir=str(options.output / REPORTS_DIR), sweep=spec.name),
+                             reports_dir=str(options.output / REPORTS_DIR), sweep=spec.name,
+                             models_dir=str(options.output / MODELS_DIR) if spec.tracking["save_model"] else None),
         {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
     path = str(options.output / EXPERIMENT_DIR)
     if options.resume:                                   # run_sweep checked that there is one

@@ -5,6 +5,7 @@ Both import torch, transformers and the method when they run, on the worker: the
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -55,8 +56,10 @@ def _quiet_exit_during_gc(unraisable: Any, report=sys.__unraisablehook__) -> Non
         report(unraisable)
 
 
-def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: str, sweep: str) -> None:
-    """One Tune trial: merge with config["method"], evaluate task by task, report after each task.
+def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: str, sweep: str,
+                models_dir: str | None = None) -> None:
+    """One Tune trial: merge with config["method"], evaluate task by task, report after each task; with
+    `models_dir` (`tracking.save_model`), also save the merged model to `models_dir/<trial id>`.
 
     The finished report is also written to `reports_dir/<trial id>.json`: a trial that Tune runs again after
     the driver was killed (its experiment state is saved every few seconds, not at every trial) reports that
@@ -90,8 +93,13 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: s
             metrics.eval_throughput(task_metrics["samples"] / max(task_metrics["seconds"], 1e-9), trial=trial_id)
             tune.report({**flatten_metrics(running), "tasks_done": len(running) - 1})
 
+        model_dir = None if models_dir is None else Path(models_dir) / trial_id
+        if model_dir is not None:
+            shutil.rmtree(model_dir, ignore_errors=True)     # an earlier attempt's, if it was cut short
         report = run_trial({"method": config["method"]}, pools=pools, svd_cache=svd_cache, device=device,
-                           on_task_done=task_done)
+                           on_task_done=task_done, save_model_dir=model_dir)
+        if model_dir is not None:
+            report["saved_model"] = str(model_dir)
         if report["timings"].get("svd_seconds"):
             metrics.svd_seconds(report["timings"]["svd_seconds"])
         report["model_info"].update(node_id=ray.get_runtime_context().get_node_id(), device=device)
