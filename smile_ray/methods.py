@@ -55,6 +55,19 @@ def strings(value: list) -> str | None:
     return None if all(isinstance(v, str) for v in value) else "must be a list of module-name patterns"
 
 
+def names(value: list) -> str | None:
+    if not value or not all(isinstance(v, str) for v in value) or len(set(value)) != len(value):
+        return "must be a non-empty list of the pool's expert names, each once"
+    return None
+
+
+def experts_param(verb: str) -> Param:
+    """`experts`: the subset of the pool a configuration uses (default: all); a searched dimension chooses among
+    subsets, e.g. `experts: {grid: [[math], [code], [math, code]]}` (the reference's model-pool versions)."""
+    return Param("experts", list, None, f"the pool's experts to {verb} (default: all)", names,
+                 lambda v: "+".join(v) if v else "")
+
+
 Merge = Callable[..., nn.Module]
 Candidates = Mapping[str, Sequence[Any]]          # parameter → every value a space may give it
 
@@ -80,7 +93,8 @@ class Method:
     name: str
     help: str
     params: tuple[Param, ...]
-    merge: Merge                                  # (base, experts: dict, *, svd_cache, device, **params)
+    merge: Merge                                  # (base, experts: dict, *, svd_cache, device, **params): the
+    #                                               experts `needed_experts` chose; params without `experts`
     single_model: bool = False                    # uses only the expert named by its `model` parameter
     columns: tuple[str, ...] = ()                 # parameters shown in the sweep's live and ranked tables
     grid_axes: tuple[str, str] | None = None      # (rows, columns) of the sweep's heatmap of the score
@@ -110,10 +124,17 @@ class Method:
         return " ".join(word for word in words if word)
 
     def check_pool(self, candidates: Candidates, experts: Sequence[str], where: str = "method") -> None:
-        """What depends on the pool: top_k at most the number of experts, `model` one of them or 'pretrained'."""
+        """What depends on the pool: `experts` subsets of it, top_k at most the number of experts merged, `model`
+        one of them or 'pretrained'."""
+        subsets = [subset or list(experts) for subset in candidates.get("experts", [None])]
+        for subset in subsets:
+            unknown = [name for name in subset if name not in experts]
+            if unknown:
+                raise SmileError(f"{where}.experts: unknown expert {unknown[0]!r} (the pool has {', '.join(experts)})")
+        fewest = min(len(subset) for subset in subsets)
         largest = max(candidates.get("top_k", [1]))
-        if largest > len(experts):
-            raise SmileError(f"{where}.top_k: must be at most the number of experts ({len(experts)}), got {largest}")
+        if largest > fewest:
+            raise SmileError(f"{where}.top_k: must be at most the number of experts ({fewest}), got {largest}")
         for model in candidates.get("model", []) if self.single_model else []:
             if model != "pretrained" and model not in experts:
                 raise SmileError(f"{where}.model: unknown model {model!r}; choose 'pretrained' or one of "
@@ -124,7 +145,7 @@ class Method:
         checking it against the pool."""
         self.check_pool({key: [value] for key, value in params.items()}, names)
         if not self.single_model:
-            return names
+            return list(params.get("experts") or names)
         return [] if params["model"] == "pretrained" else [params["model"]]
 
 
@@ -181,12 +202,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
               label=lambda v: "averaged" if v else ""),
         Param("targets", list, None, "module-name patterns of the linears to upscale (default: all)", strings,
               lambda v: f"targets={','.join(v)}" if v else ""),
+        experts_param("upscale"),
     ), _smile, columns=("gate_k", "k", "top_k"), grid_axes=("gate_k", "k"),
         prefill=Prefill(largest_smile_ranks, _smile_prefill)),
-    Method("simple_average", "mean of the fine-tuned models' weights", (), _simple_average),
+    Method("simple_average", "mean of the fine-tuned models' weights", (experts_param("average"),),
+           _simple_average, columns=("experts",)),
     Method("task_arithmetic", "θ0 + λ Σ (θᵢ − θ0)", (
-        Param("scaling", float, 0.3, "λ, the task-vector scaling", label=lambda v: f"λ{v:g}"),), _task_arithmetic,
-        columns=("scaling",)),
+        Param("scaling", float, 0.3, "λ, the task-vector scaling", label=lambda v: f"λ{v:g}"),
+        experts_param("merge")), _task_arithmetic, columns=("scaling", "experts")),
     Method("individual", "one model of the pool as is", (
         Param("model", str, "pretrained", "expert name, or 'pretrained'", label=str),), _individual,
         single_model=True, columns=("model",)),

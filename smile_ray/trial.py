@@ -91,7 +91,8 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    merged = method.merge(base, experts, svd_cache=svd_cache, device=device, **params)
+    merged = method.merge(base, experts, svd_cache=svd_cache, device=device,
+                          **{key: value for key, value in params.items() if key != "experts"})   # (spent above)
     merge_seconds = time.perf_counter() - start
     info = getattr(merged, "smile_info", None)
     del experts
