@@ -13,12 +13,14 @@ from smile_ray.kinds import (ModelPoolConfig, TaskPoolConfig, TaskScores, model_
                              task_pool_kinds)
 from smile_ray.smile.weights import as_weights
 from smile_ray.sources import Source
-from tests.lm_fixtures import save_causal_pool
+from tests.lm_fixtures import save_causal_pool, save_lm_eval_tasks
 
 
 @pytest.fixture(scope="module")
 def benches(tiny_bench, tiny_text_bench, tiny_cache, tmp_path_factory):
-    return tiny_bench, tiny_text_bench, tiny_cache, save_causal_pool(tmp_path_factory.mktemp("causal"), experts=2)
+    causal = tmp_path_factory.mktemp("causal")
+    return tiny_bench, tiny_text_bench, tiny_cache, {**save_causal_pool(causal / "pool", experts=2),
+                                                     "tasks": save_lm_eval_tasks(causal / "tasks")}
 
 
 def model_sections(benches) -> dict:
@@ -36,7 +38,7 @@ def model_sections(benches) -> dict:
 
 def task_sections(benches) -> dict:
     """kind → a tiny task_pool section (and the model-pool kind it is paired with)."""
-    bench, text, _, _ = benches
+    bench, text, _, causal = benches
     task = bench.tasks[0]
     return {"clip_zero_shot": ({"kind": "clip_zero_shot", "max_samples": 8, "batch_size": 4,
                                 "tasks": [{"name": task.name, "dataset": task.dataset, "classnames": task.classnames,
@@ -46,7 +48,9 @@ def task_sections(benches) -> dict:
                                       "tasks": [{"name": "cola", "dataset": str(text.data["cola"])},
                                                 {"name": "stsb", "dataset": str(text.data["stsb"])}]}, "seq2seq"),
             "embedded_glue": ({"kind": "embedded_glue", "max_samples": 8, "tasks": ["rte", "stsb"]}, "embedded_t5"),
-            "dummy": ({"kind": "dummy"}, "causal_lm")}
+            "dummy": ({"kind": "dummy"}, "causal_lm"),
+            "lm_eval": ({"kind": "lm_eval", "include_path": str(causal["tasks"]), "limit": 4,
+                         "tasks": [{"name": "tiny_mc", "metric": "acc_norm"}]}, "causal_lm")}
 
 
 def test_every_registered_kind_has_a_fixture_here(benches):

@@ -20,7 +20,7 @@ def test_grids_expand_in_order_with_defaults_filled():
     spec = space({"name": "smile", "gate_k": [4, 16], "k": {"grid": [8, -1]}})
     assert spec.grid_points() == [
         {"name": "smile", "gate_k": g, "k": k, "top_k": 1, "routing_use_diff": True, "average_experts": False,
-         "targets": None} for g in (4, 16) for k in (8, -1)]
+         "targets": None, "experts": None} for g in (4, 16) for k in (8, -1)]
     domain = spec.param_space()["method"]
     assert domain["gate_k"] == tune.grid_search([4, 16]) and domain["top_k"] == 1
 
