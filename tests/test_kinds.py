@@ -32,6 +32,7 @@ def model_sections(benches) -> dict:
             "seq2seq": {"kind": "seq2seq", "base": str(text.base_dir),          # a full expert and a LoRA adapter
                         "experts": {"cola": str(text.experts["cola"]), "rte": str(text.lora["rte"])}},
             "embedded_t5": {"kind": "embedded_t5", "experts": "lora", "scale": "tiny", "cache_dir": str(cache)},
+            "embedded_lm": {"kind": "embedded_lm", "scale": "tiny", "cache_dir": str(cache)},
             "causal_lm": {"kind": "causal_lm", "base": str(causal["base"]),
                           "experts": {name: str(d) for name, d in causal["experts"].items()}}}
 
@@ -49,6 +50,8 @@ def task_sections(benches) -> dict:
                                                 {"name": "stsb", "dataset": str(text.data["stsb"])}]}, "seq2seq"),
             "embedded_glue": ({"kind": "embedded_glue", "max_samples": 8, "tasks": ["rte", "stsb"]}, "embedded_t5"),
             "dummy": ({"kind": "dummy"}, "causal_lm"),
+            "embedded_lm_tasks": ({"kind": "embedded_lm_tasks", "limit": 4, "tasks": ["complement", "doubling"]},
+                                  "embedded_lm"),
             "lm_eval": ({"kind": "lm_eval", "include_path": str(causal["tasks"]), "limit": 4,
                          "tasks": [{"name": "tiny_mc", "metric": "acc_norm"}]}, "causal_lm")}
 
