@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,16 +88,22 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     check_server(options.tracking_uri)
     check_output(options.output)
     loading = in_background(load_pools, spec)
-    with ray_cluster(options.address) as dashboard:
-        wait = options.resource_wait_s
-        check_trial_resources(spec.resources, wait_s=(DEFAULT_RESOURCE_WAIT_S if options.address else 0.0)
-                              if wait is None else wait)
-        if dashboard:
-            print(dashboard, flush=True)
-        if options.overwrite:
-            clear_sweep(options.output)
-        options.output.mkdir(parents=True, exist_ok=True)
-        return sweep_on_cluster(spec, options, record, loading.result())
+    try:
+        with ray_cluster(options.address) as dashboard:
+            wait = options.resource_wait_s
+            check_trial_resources(spec.resources, wait_s=(DEFAULT_RESOURCE_WAIT_S if options.address else 0.0)
+                                  if wait is None else wait)
+            if dashboard:
+                print(dashboard, flush=True)
+            if options.overwrite:
+                clear_sweep(options.output)
+            options.output.mkdir(parents=True, exist_ok=True)
+            return sweep_on_cluster(spec, options, record, loading.result())
+    finally:
+        # never return with the loader still running: transformers swaps class attributes while it loads a model
+        # (PreTrainedModel.tie_weights, torch's init functions) and puts them back afterwards, so a load running
+        # alongside the caller's next one can leave them swapped for the rest of the process
+        futures.wait([loading])
 
 
 def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, Any], pools: Pools) -> dict[str, Any]:

@@ -28,6 +28,10 @@ class LmEvalTaskPool:
         self.device = torch.device(device) if device is not None else None
         self.manager = None
 
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
     def resolved_device(self) -> torch.device:
         return self.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
