@@ -68,14 +68,24 @@ def test_run_saves_a_smile_checkpoint_that_lm_eval_evaluates_with_the_build_s_ta
     assert "complement" in done.stdout and "acc_norm" in done.stdout
 
 
-def test_the_embedded_lm_sweep_runs_end_to_end(ray_session, tiny_cache, tmp_path):
+def test_the_embedded_lm_sweep_upscales_from_the_files_evaluates_with_lm_eval_and_saves(ray_session, tiny_cache,
+                                                                                        tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert tune.main(["--space", config_file(tmp_path, tiny_cache), "--output", str(tmp_path / "out"),
-                      "--tracking-uri", uri, "--set", "method=[{name: individual, model: [pretrained, successor]}, "
-                      "{name: smile, gate_k: 4, k: [8, -1]}]"]) == 0
+                      "--tracking-uri", uri, "--set", "tracking.save_model=true", "--set",
+                      "method=[{name: individual, model: [pretrained, successor]}, {name: smile, gate_k: 4, "
+                      "k: [8, -1]}]"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [t["status"] for t in summary["trials"]] == ["finished"] * 4
-    run_ = MlflowClient(uri).get_run(summary["best"]["mlflow_run_id"])
-    assert {"complement/exact_match", "doubling/acc_norm", "average/score"} <= set(run_.data.metrics)
+    smile = [t for t in summary["trials"] if t["config"]["name"] == "smile"]
+    assert all(t["metrics"]["model_info/svd_calls"] == 0 for t in smile)       # the prefill's SVDs, read back
+    client = MlflowClient(uri)
+    run_ = client.get_run(smile[0]["mlflow_run_id"])
+    assert {"complement/exact_match", "doubling/acc_norm", "doubling/acc_norm_stderr", "average/score"} <= set(
+        run_.data.metrics)
+    saved = tmp_path / "out" / "models" / smile[0]["trial_id"]          # save_model: a checkpoint per trial,
+    assert run_.data.tags["smile_ray.saved_model"] == str(saved)        # its path on the child run, not uploaded
+    assert (saved / "config.json").is_file() and (saved / "modeling_smile.py").is_file()
+    assert not any(a.path.endswith(".safetensors") for a in client.list_artifacts(run_.info.run_id))

@@ -105,25 +105,3 @@ def test_a_hub_task_is_refused_in_one_line_when_the_hub_is_unreachable(setup, tm
     with pytest.raises(SmileError, match=r"^task_pool.tasks\[0\] \(gsm8k\): dataset: 'openai/gsm8k' cannot be fetched"):
         config.check()
 
-
-def test_a_sweep_upscales_from_the_files_evaluates_with_lm_eval_and_logs_each_task(setup, ray_session, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    config = space(setup, limit=4)
-    config.update(name="tiny_lm", search={"max_concurrent": 2}, resources={"cpu": 1},
-                  tracking={"experiment": "tiny-lm", "save_model": True},
-                  method=[{"name": "individual", "model": "expert0"}, {"name": "smile", "gate_k": [2, 4], "k": 4}])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tune.main(["--space", write(tmp_path, config), "--output", str(tmp_path / "out"),
-                      "--tracking-uri", uri]) == 0
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [t["status"] for t in summary["trials"]] == ["finished"] * 3
-    smile = [t for t in summary["trials"] if t["config"]["name"] == "smile"]
-    assert all(t["metrics"]["model_info/svd_calls"] == 0 for t in smile)       # the prefill's SVDs, read back
-    run = MlflowClient(uri).get_run(smile[0]["mlflow_run_id"])
-    assert {"tiny_gen/exact_match", "tiny_mc/acc_norm", "tiny_mc/acc_norm_stderr", "average/score"} <= set(
-        run.data.metrics)
-    saved = tmp_path / "out" / "models" / smile[0]["trial_id"]           # save_model: a checkpoint per trial,
-    assert run.data.tags["smile_ray.saved_model"] == str(saved)          # its path on the child run, not uploaded
-    assert (saved / "config.json").is_file() and (saved / "modeling_smile.py").is_file()
-    assert not any(a.path.endswith(".safetensors") for a in MlflowClient(uri).list_artifacts(run.info.run_id))
