@@ -93,8 +93,7 @@ class Method:
     name: str
     help: str
     params: tuple[Param, ...]
-    merge: Merge                                  # (base, experts: dict, *, svd_cache, device, **params): the
-    #                                               experts `needed_experts` chose; params without `experts`
+    merge: Merge                                  # (base, experts: dict, *, svd_cache, device, **params)
     single_model: bool = False                    # uses only the expert named by its `model` parameter
     columns: tuple[str, ...] = ()                 # parameters shown in the sweep's live and ranked tables
     grid_axes: tuple[str, str] | None = None      # (rows, columns) of the sweep's heatmap of the score
@@ -139,6 +138,13 @@ class Method:
             if model != "pretrained" and model not in experts:
                 raise SmileError(f"{where}.model: unknown model {model!r}; choose 'pretrained' or one of "
                                  f"{', '.join(experts)}")
+
+    def apply(self, base: Any, experts: Mapping[str, Any], params: Mapping[str, Any], *, svd_cache: Any,
+              device: Any) -> nn.Module:
+        """The merged model of `experts` (those `needed_experts` chose, which is all the `experts` parameter is
+        for) with the other parameters."""
+        return self.merge(base, experts, svd_cache=svd_cache, device=device,
+                          **{key: value for key, value in params.items() if key != "experts"})
 
     def needed_experts(self, params: Mapping[str, Any], names: list[str]) -> list[str]:
         """The experts this configuration reads (a single model loads one, or none for 'pretrained'), after

@@ -28,6 +28,7 @@ from smile_ray.smile.weights import as_weights
 from smile_ray.smile.checkpoint import save_model
 from smile_ray.smile.routing import RoutingRecorder, own_expert_share
 from smile_ray.spec import checked_pools
+from smile_ray.tasks.evaluation import default_device
 
 TaskDone = Callable[[str, dict, dict], None]
 
@@ -44,10 +45,6 @@ class Pools:
     def primary(self) -> dict[str, str]:
         """task → the metric that is its score."""
         return {task: scores.primary for task, scores in self.scores.items()}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -91,8 +88,7 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    merged = method.merge(base, experts, svd_cache=svd_cache, device=device,
-                          **{key: value for key, value in params.items() if key != "experts"})   # (spent above)
+    merged = method.apply(base, experts, params, svd_cache=svd_cache, device=device)
     merge_seconds = time.perf_counter() - start
     info = getattr(merged, "smile_info", None)
     del experts

@@ -54,37 +54,20 @@ def save_causal_pool(root: Path, architecture: str = "mistral", experts: int = 3
 
 
 def save_lm_eval_tasks(directory: Path, rows: int = 8) -> Path:
-    """Two lm-eval tasks over the tiny vocabulary in `directory` (YAMLs with absolute data_files paths): tiny_gen
-    (generate_until, exact_match) and tiny_mc (multiple_choice, acc and acc_norm)."""
+    """Two lm-eval tasks over the tiny vocabulary in `directory`, written as the embedded LM benchmark writes its
+    own: tiny_gen (generate_until, exact_match) and tiny_mc (multiple_choice, acc and acc_norm)."""
     import json
+
+    import yaml
+
+    from smile_ray.embedded.lm_build import lm_eval_task
 
     directory.mkdir(parents=True, exist_ok=True)
     gen = [{"prompt": f"w{i} w{i + 1}", "answer": f"w{i + 2}"} for i in range(4, 4 + rows)]
-    mc = [{"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 3}", f"w{i + 4}"], "label": 0}
+    mc = [{"prompt": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 3}", f"w{i + 4}"], "label": 0}
           for i in range(4, 4 + rows)]
-    for name, data in (("gen", gen), ("mc", mc)):
+    for name, data, output_type in (("tiny_gen", gen, "generate_until"), ("tiny_mc", mc, "multiple_choice")):
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
-    (directory / "tiny_gen.yaml").write_text(f"""task: tiny_gen
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {directory / "gen.jsonl"}}}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs: {{until: ["</s>"], do_sample: false, max_gen_toks: 4}}
-metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
-metadata: {{version: 1.0}}
-""")
-    (directory / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {directory / "mc.jsonl"}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}},
-              {{metric: acc_norm, aggregation: mean, higher_is_better: true}}]
-metadata: {{version: 1.0}}
-""")
+        task = lm_eval_task(name, directory / f"{name}.jsonl", output_type)
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
     return directory

@@ -48,8 +48,8 @@ def test_save_model_refuses_a_non_empty_directory_before_loading(pool, tmp_path,
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("mine")
     assert run.main(["--config", write(tmp_path, space(pool)), "--save-model", str(tmp_path / "model")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --save-model {tmp_path / 'model'}: is not empty; give a new or " \
-                                              "empty directory"
+    said = capsys.readouterr().err.strip()
+    assert said == f"error: --save-model {tmp_path / 'model'}: is not empty; give a new or empty directory"
     assert (tmp_path / "model" / "notes.txt").read_text() == "mine"
 
 
@@ -73,10 +73,21 @@ def missing_shard(path, pool):
     next(path.glob("model-00002-*.safetensors")).unlink()
 
 
+def pickle_only(path, pool):
+    from transformers import AutoModelForCausalLM
+
+    path.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(pool["experts"]["expert0"])
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+
+
 BAD = {   # the bad expert → what the one line says
     "another_architecture": (t5_model, "holds a t5 model, not mistral like the base model"),
     "another_vocabulary": (wider_vocabulary, "shape [128, 64], the base model [96, 64]"),
     "missing_shard": (missing_shard, "names model-00002-of-"),
+    "pickle_only": (pickle_only,
+                    "holds only a pickle checkpoint (pytorch_model.bin); causal_lm pools read safetensors"),
 }
 
 

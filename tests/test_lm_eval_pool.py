@@ -74,7 +74,8 @@ def test_the_numbers_are_lm_eval_s_own(setup, tmp_path):
 
 
 BAD = {   # task_pool override → the one line
-    "unknown_task": ({"tasks": ["tiny_mcq"]}, "task_pool.tasks[0]: lm-eval has no task 'tiny_mcq'; did you mean tiny_mc, tinyArc, tiny_gen?"),
+    "unknown_task": ({"tasks": ["tiny_mcq"]},
+                     "task_pool.tasks[0]: lm-eval has no task 'tiny_mcq'; did you mean tiny_mc, tinyArc, tiny_gen?"),
     "unknown_metric": ({"tasks": [{"name": "tiny_mc", "metric": "f1"}]},
                        "task_pool.tasks[0].metric: task tiny_mc reports acc, acc_norm, not 'f1'"),
     "unknown_filter": ({"tasks": [{"name": "tiny_gen", "metric": "exact_match,flexible-extract"}]},

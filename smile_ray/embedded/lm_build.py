@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
@@ -74,7 +75,8 @@ def build_lm_benchmark(cache_dir: str | Path | None = None, *, scale: str = "ful
 # Data
 
 def prompt_and_answer(skill: Skill, digits: list[int], rule: Skill | None = None) -> tuple[str, str]:
-    """`c: c3 c1 c4 c=` and its answer by `rule` (default: the skill's own; None-like copy when rule is False)."""
+    """`c: c3 c1 c4 c=` and its answer: by the skill's own rule, by another skill's `rule`, or (rule False) the
+    digits copied, as the pretrained model learns to answer."""
     words = [f"{skill.letter}{d}" for d in digits]
     answer = [f"{skill.letter}{(rule or skill).rule(d)}" for d in digits] if rule is not False else words
     return " ".join([f"{skill.letter}:", *words, f"{skill.letter}="]), " ".join(answer)
@@ -101,16 +103,19 @@ def _task_rows(skill: Skill, recipe: LmRecipe) -> list[dict]:
     return rows
 
 
-def _task_yaml(skill: Skill, data: Path) -> str:
-    common = (f"task: {skill.name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {json.dumps(str(data))}}}}}\n"
-              "test_split: test\ndoc_to_text: \"{{prompt}}\"\nmetadata: {version: 1.0}\n")
-    if skill.output == "multiple_choice":
-        return common + ("output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
-                         "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true},\n"
-                         "              {metric: acc_norm, aggregation: mean, higher_is_better: true}]\n")
-    return common + ("output_type: generate_until\ndoc_to_target: \"{{answer}}\"\n"
-                     f"generation_kwargs: {{until: [\"{EOS}\"], do_sample: false, max_gen_toks: 8}}\n"
-                     "metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]\n")
+def lm_eval_task(name: str, data: Path, output_type: str) -> dict:
+    """An lm-eval task over a JSON-lines file (absolute path: lm-eval reads relative ones from the working
+    directory) of {"prompt", "answer"} rows (generate_until, exact match) or {"prompt", "choices", "label"} rows
+    (multiple_choice, acc and acc_norm)."""
+    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "output_type": output_type, "doc_to_text": "{{prompt}}", "metadata": {"version": 1.0}}
+    if output_type == "multiple_choice":
+        return {**task, "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}",
+                "metric_list": [{"metric": metric, "aggregation": "mean", "higher_is_better": True}
+                                for metric in ("acc", "acc_norm")]}
+    return {**task, "doc_to_target": "{{answer}}",
+            "generation_kwargs": {"until": [EOS], "do_sample": False, "max_gen_toks": 8},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -182,7 +187,8 @@ def _build_into(out: Path, scale: str, *, final: Path) -> None:
             tasks.mkdir(parents=True, exist_ok=True)
             (tasks / f"{skill.name}.jsonl").write_text(
                 "".join(json.dumps(row) + "\n" for row in _task_rows(skill, recipe)))
-            (tasks / f"{skill.name}.yaml").write_text(_task_yaml(skill, final / "tasks" / f"{skill.name}.jsonl"))
+            task = lm_eval_task(skill.name, final / "tasks" / f"{skill.name}.jsonl", skill.output)
+            (tasks / f"{skill.name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
     (out / "recipe.json").write_text(json.dumps({
         "scale": scale, "recipe": dataclasses.asdict(recipe), "skills": [dataclasses.asdict(s) for s in SKILLS],
         "build_seconds": round(time.perf_counter() - started, 1)}, indent=2))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -121,7 +122,7 @@ class TaskScores:
         return "max" if metric == self.primary or metric in self.higher else "min"
 
 
-class PoolConfig:
+class PoolConfig(ABC):
     """A kind's validated section. Subclasses are frozen dataclasses registered with `register_*_pool`."""
 
     kind: ClassVar[str]
@@ -129,8 +130,9 @@ class PoolConfig:
     keys: ClassVar[tuple[str, ...]] = ()          # the keys its section may hold (besides kind)
 
     @classmethod
+    @abstractmethod
     def parse(cls: type[C], section: Section) -> C:
-        raise NotImplementedError(f"{cls.__name__} reads no section")
+        """The config a section describes (unknown keys are refused by Section before this is called)."""
 
     def sources(self) -> list[Source]:
         """Models and datasets to check before anything loads (smile_ray.sources.check_sources)."""
@@ -145,8 +147,9 @@ class PoolConfig:
 
 
 class ModelPoolConfig(PoolConfig):
+    @abstractmethod
     def expert_names(self) -> list[str]:
-        raise NotImplementedError
+        """The experts' names, in pool order."""
 
     def with_tasks(self, tasks: TaskPoolConfig) -> ModelPoolConfig:
         """This pool as it pairs with `tasks` (a kind that shares settings with its task pool overrides it)."""
@@ -154,9 +157,9 @@ class ModelPoolConfig(PoolConfig):
 
 
 class TaskPoolConfig(PoolConfig):
+    @abstractmethod
     def scores(self) -> dict[str, TaskScores]:
         """Task name → what it reports, in evaluation order."""
-        raise NotImplementedError
 
     def with_models(self, models: ModelPoolConfig) -> TaskPoolConfig:
         """This pool as it pairs with `models`."""

@@ -9,6 +9,7 @@ import torch
 
 from smile_ray.hub import load_pretrained
 from smile_ray.kinds.causal_lm import CausalLMConfig
+from smile_ray.pools import load_tokenizer
 from smile_ray.smile.weights import CheckpointWeights
 
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
@@ -32,12 +33,7 @@ class CausalLMPool:
         return self.weights(self.config.experts[name], f"model_pool.experts.{name}")
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        source = self.config.tokenizer or self.config.base
-        return load_pretrained(AutoTokenizer.from_pretrained, source,
-                               field="model_pool.tokenizer" if self.config.tokenizer else "model_pool.base",
-                               revision=self.config.revision)
+        return load_tokenizer(self.config)
 
 
 def download(repo_id: str, *, revision: str | None = None, local_files_only: bool = False) -> str:

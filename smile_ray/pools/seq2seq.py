@@ -9,6 +9,7 @@ import torch
 from smile_ray.errors import SmileError
 from smile_ray.hub import hub_has_file, load_pretrained
 from smile_ray.kinds.seq2seq import Seq2SeqConfig
+from smile_ray.pools import load_tokenizer
 
 
 class Seq2SeqPool:
@@ -55,12 +56,7 @@ class Seq2SeqPool:
         return load_pretrained(merged, source, field=field, revision=self.config.revision)
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        source = self.config.tokenizer or self.config.base
-        return load_pretrained(AutoTokenizer.from_pretrained, source,
-                               field="model_pool.tokenizer" if self.config.tokenizer else "model_pool.base",
-                               revision=self.config.revision)
+        return load_tokenizer(self.config)
 
 
 def load_seq2seq(source: str, *, field: str, dtype: torch.dtype, revision: str | None) -> torch.nn.Module:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import ctypes
 from collections.abc import Collection
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -124,8 +125,14 @@ class CheckpointWeights:
         with init_empty_weights(include_buffers=False):
             return self.model_class._from_config(copy.deepcopy(self.config), dtype=self.dtype).eval()
 
+    @cached_property
+    def _layout(self) -> tuple[list[str], int]:
+        """(linear layer names, parameter count), read once from a skeleton."""
+        skeleton = self.skeleton()
+        return linear_layers(skeleton), sum(p.numel() for p in skeleton.parameters())
+
     def linear_names(self) -> list[str]:
-        return linear_layers(self.skeleton())
+        return list(self._layout[0])
 
     def linear(self, name: str) -> nn.Linear:
         weight = self.tensor(f"{name}.weight")
@@ -154,7 +161,7 @@ class CheckpointWeights:
         return model
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.skeleton().parameters())
+        return self._layout[1]
 
 
 def linear_layers(model: nn.Module) -> list[str]:
@@ -177,17 +184,17 @@ def return_freed_memory() -> None:
     glibc keeps freed blocks up to 32 MiB in its heaps for reuse; a streamed upscale frees one layer's temporaries
     (an expert's copy, a float32 task vector, the SVD's workspace) per layer, and without this its resident memory
     grows by their fragments layer after layer (bench/stream_memory.py measures the peak)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def as_weights(model: nn.Module | ModelWeights) -> ModelWeights:

@@ -26,7 +26,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Pretraine
 from smile_ray.errors import SmileError
 from smile_ray.hub import load_pretrained
 from smile_ray.report import average_metrics
-from smile_ray.tasks.evaluation import TaskDoneCallback, evaluate_each
+from smile_ray.tasks.evaluation import EvaluatorBase, TaskDoneCallback, evaluate_each
 from smile_ray.tasks.splits import load_split
 from smile_ray.tasks.ta8 import ta8_tasks
 
@@ -164,7 +164,7 @@ class TaskData:
     labels: np.ndarray | None = None  # (N,) int64
 
 
-class ClipZeroShotTaskPool:
+class ClipZeroShotTaskPool(EvaluatorBase):
     """Evaluates CLIP vision towers on zero-shot classification tasks, FusionBench-style.
 
     The full `CLIPModel` at `clip_model` (hub id or directory) provides the frozen text tower, projections and
@@ -201,17 +201,6 @@ class ClipZeroShotTaskPool:
         self.normalizer = PixelNormalizer(self.processor)
         self._heads: dict[str, torch.Tensor] = {}
         self._data: dict[str, TaskData] = {}
-
-    @property
-    def task_names(self) -> list[str]:
-        """Task names, in evaluation order."""
-        return [task.name for task in self.tasks]
-
-    def resolved_device(self) -> torch.device:
-        """The evaluation device: the one given, else cuda when available, else cpu."""
-        if self.device is not None:
-            return self.device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def head(self, task: ClipTask) -> torch.Tensor:
         """(C, d) zero-shot head of `task` (float32, on cpu), built once per pool."""

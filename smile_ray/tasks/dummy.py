@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from smile_ray.kinds.dummy import DummyConfig
+from smile_ray.tasks.evaluation import EvaluatorBase
 
 
-class DummyTaskPool:
-    tasks: list = []
+class DummyTaskPool(EvaluatorBase):
+    tasks: tuple = ()
 
     def __init__(self, device=None) -> None:
         self.device = device

@@ -1,5 +1,6 @@
-"""What every task pool's `evaluate` does around its own per-task scoring: the model on the device in eval mode, each
-task timed, a callback after each task, the model's training flag restored."""
+"""What every task pool shares: its tasks and device (`EvaluatorBase`), and what its `evaluate` does around its own
+per-task scoring: the model on the device in eval mode, each task timed, a callback after each task, the model's
+training flag restored."""
 from __future__ import annotations
 
 import time
@@ -11,6 +12,27 @@ from torch import nn
 
 TaskDoneCallback = Callable[[str, dict[str, float], dict[str, dict[str, float]]], None]
 BOOKKEEPING = ("samples", "seconds")          # what the callback sees of a task besides its metrics
+
+
+def default_device() -> torch.device:
+    """cuda when available, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class EvaluatorBase:
+    """A task pool's tasks (each with a `name`) and the device it evaluates on (None: `default_device()`); a trial
+    sets `device` to the one it was given."""
+
+    tasks: Sequence[Any]
+    device: torch.device | None = None
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names, in evaluation order."""
+        return [task.name for task in self.tasks]
+
+    def resolved_device(self) -> torch.device:
+        return self.device if self.device is not None else default_device()
 
 
 def evaluate_each(model: nn.Module, tasks: Sequence[Any], evaluate_task: Callable[[nn.Module, Any], dict[str, float]],

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from smile_ray.errors import SmileError
-from smile_ray.tasks.evaluation import TaskDoneCallback, evaluate_each
+from smile_ray.tasks.evaluation import EvaluatorBase, TaskDoneCallback, evaluate_each
 from smile_ray.tasks.splits import load_split
 
 REGRESSION_TASKS = ("stsb",)
@@ -104,7 +104,7 @@ class GlueTask:
         return self.template or prompts()[self.name]["input_text"]
 
 
-class GlueTextGenerationTaskPool:
+class GlueTextGenerationTaskPool(EvaluatorBase):
     """Evaluates seq2seq models on GLUE tasks by generation. Datasets are loaded and prompts tokenized once per pool
     (`prepare()`), then reused by every `evaluate` call. `max_samples` keeps the first N rows of each split."""
 
@@ -116,15 +116,6 @@ class GlueTextGenerationTaskPool:
         self.batch_size, self.max_samples, self.max_length = batch_size, max_samples, max_length
         self.device = torch.device(device) if device is not None else None
         self._data: dict[str, tuple[list[str], list[float]]] = {}
-
-    @property
-    def task_names(self) -> list[str]:
-        return [task.name for task in self.tasks]
-
-    def resolved_device(self) -> torch.device:
-        if self.device is not None:
-            return self.device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def task_data(self, task: GlueTask) -> tuple[list[str], list[float]]:
         """(prompts, labels) of the task's split, loaded once."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from smile_ray.errors import SmileError
 from smile_ray.kinds.lm_eval import LmEvalConfig, metric_key, metric_label
-from smile_ray.tasks.evaluation import TaskDoneCallback, evaluate_each
+from smile_ray.tasks.evaluation import EvaluatorBase, TaskDoneCallback, evaluate_each
 from smile_ray.tasks.lm_eval_tasks import manager_for
 
 
@@ -21,19 +21,12 @@ class LmEvalTask:
     metric: str                                   # lm-eval's "<metric>[,<filter>]"
 
 
-class LmEvalTaskPool:
+class LmEvalTaskPool(EvaluatorBase):
     def __init__(self, config: LmEvalConfig, tokenizer: Any, device: str | torch.device | None = None) -> None:
         self.config, self.tokenizer = config, tokenizer
         self.tasks = [LmEvalTask(entry["name"], entry["metric"]) for entry in config.tasks]
         self.device = torch.device(device) if device is not None else None
         self.manager = None
-
-    @property
-    def task_names(self) -> list[str]:
-        return [task.name for task in self.tasks]
-
-    def resolved_device(self) -> torch.device:
-        return self.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def prepare(self) -> None:
         if self.manager is None:
