@@ -6,6 +6,7 @@ configuration fails with one line before any model is loaded.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from smile_ray.errors import SmileError
 from smile_ray.smile import individual, projection_merge, simple_average, task_arithmetic, upscale
 from smile_ray.smile.projection import SPACES
+from smile_ray.smile.svd import SOLVERS
 
 REQUIRED = object()
 
@@ -179,13 +181,14 @@ def _projection(base, experts, *, svd_cache, device, model, **params):
 
 def largest_smile_ranks(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The upscales whose SVDs every SMILE trial of a space slices: the largest gate_k and k per routing variant."""
-    plan: dict[bool, dict[str, int]] = {}
+    plan: dict[tuple[bool, str], dict[str, int]] = {}
     for block in blocks:
-        for use_diff in block["routing_use_diff"]:
-            entry = plan.setdefault(use_diff, {"gate_k": 1, "k": 1})
+        for variant in itertools.product(block["routing_use_diff"], block["svd_solver"]):
+            entry = plan.setdefault(variant, {"gate_k": 1, "k": 1})
             entry["gate_k"] = max(entry["gate_k"], *block["gate_k"])
             entry["k"] = max(entry["k"], *block["k"])
-    return [{"routing_use_diff": use_diff, **ranks} for use_diff, ranks in plan.items()]
+    return [{"routing_use_diff": use_diff, "svd_solver": solver, **ranks}
+            for (use_diff, solver), ranks in plan.items()]
 
 
 def _smile_prefill(base, expert, *, svd_cache, device, **entry):
@@ -209,6 +212,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
         Param("targets", list, None, "module-name patterns of the linears to upscale (default: all)", strings,
               lambda v: f"targets={','.join(v)}" if v else ""),
         experts_param("upscale"),
+        Param("svd_solver", str, "exact", f"how the task vectors' SVDs are computed: {' or '.join(SOLVERS)}",
+              lambda v: None if v in SOLVERS else f"must be one of {', '.join(SOLVERS)}",
+              lambda v: "" if v == "exact" else v),
     ), _smile, columns=("gate_k", "k", "top_k"), grid_axes=("gate_k", "k"),
         prefill=Prefill(largest_smile_ranks, _smile_prefill)),
     Method("simple_average", "mean of the fine-tuned models' weights", (experts_param("average"),),

@@ -20,7 +20,7 @@ def test_grids_expand_in_order_with_defaults_filled():
     spec = space({"name": "smile", "gate_k": [4, 16], "k": {"grid": [8, -1]}})
     assert spec.grid_points() == [
         {"name": "smile", "gate_k": g, "k": k, "top_k": 1, "routing_use_diff": True, "average_experts": False,
-         "targets": None, "experts": None} for g in (4, 16) for k in (8, -1)]
+         "targets": None, "experts": None, "svd_solver": "exact"} for g in (4, 16) for k in (8, -1)]
     domain = spec.param_space()["method"]
     assert domain["gate_k"] == tune.grid_search([4, 16]) and domain["top_k"] == 1
 
@@ -43,14 +43,19 @@ def test_random_and_optuna_spaces_sample():
 def test_prefill_plan_takes_the_largest_ranks_per_routing_variant_and_what_projection_needs():
     spec = space([{"name": "smile", "gate_k": [4, 16], "k": [8, -1]},
                   {"name": "smile", "gate_k": 2, "k": [64], "routing_use_diff": False},
+                  {"name": "smile", "gate_k": 4, "k": 4, "svd_solver": "randomized"},
                   {"name": "projection", "model": "digit"}])
-    assert spec.prefill_plan() == [("smile", {"routing_use_diff": True, "gate_k": 16, "k": 8}, True),
-                                   ("smile", {"routing_use_diff": False, "gate_k": 2, "k": 64}, True),
+    exact = {"svd_solver": "exact"}
+    assert spec.prefill_plan() == [("smile", {"routing_use_diff": True, **exact, "gate_k": 16, "k": 8}, True),
+                                   ("smile", {"routing_use_diff": False, **exact, "gate_k": 2, "k": 64}, True),
+                                   ("smile", {"routing_use_diff": True, "svd_solver": "randomized", "gate_k": 4,
+                                              "k": 4}, True),
                                    ("projection", {}, False)]
     assert space({"name": "simple_average"}).prefill_plan() == []
     assert Sampled("randint", (1, 33)).largest() == 32
     sampled = space({"name": "smile", "gate_k": {"randint": [1, 33]}, "k": 4}, search={"algorithm": "random"})
-    assert sampled.prefill_plan() == [("smile", {"routing_use_diff": True, "gate_k": 32, "k": 4}, True)]
+    assert sampled.prefill_plan() == [("smile", {"routing_use_diff": True, "svd_solver": "exact", "gate_k": 32,
+                                                 "k": 4}, True)]
 
 
 @pytest.mark.parametrize("method, sections, message", [

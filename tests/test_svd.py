@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from smile_ray.files import default_file_mode
+from smile_ray.smile import svd
 from smile_ray.smile.svd import SvdCache, truncated_svd
 
 
@@ -61,3 +62,33 @@ def test_small_decompositions_run_on_one_thread_and_large_ones_on_all(monkeypatc
         assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def decaying(m, n, decay=1.5, seed=0):
+    """A matrix with singular values j^-decay, as fine-tuned task vectors' spectra fall off."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64)).Q
+    return ((u * torch.arange(1, min(m, n) + 1).double() ** -decay) @ v.T).float()
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_randomized_solver_agrees_with_the_exact_one_on_a_decaying_spectrum(shape):
+    a = decaying(*shape)
+    exact, fast = truncated_svd(a, 8), truncated_svd(a, 8, solver="randomized")
+    assert fast.u.shape == exact.u.shape and fast.v.shape == exact.v.shape and not fast.complete
+    torch.testing.assert_close(fast.s, exact.s, rtol=1e-4, atol=0)
+    torch.testing.assert_close(projector(fast.v), projector(exact.v), rtol=0, atol=1e-3)
+    torch.testing.assert_close((fast.u * fast.s) @ fast.v.T, (exact.u * exact.s) @ exact.v.T, rtol=0, atol=1e-5)
+    again = truncated_svd(a, 8, solver="randomized")                 # seeded: the same factors every time
+    assert torch.equal(again.u, fast.u) and torch.equal(again.v, fast.v)
+
+
+def test_randomized_solver_hands_over_to_the_exact_one_where_a_sketch_saves_nothing(monkeypatch):
+    a = decaying(60, 40)
+    calls = []
+    monkeypatch.setattr(svd, "_randomized", lambda *args: calls.append(args) or None)
+    for rank in (8, 40):                      # sketches of 24 and 88 columns, against half of 40
+        fast, exact = truncated_svd(a, rank, solver="randomized"), truncated_svd(a, rank)
+        assert torch.equal(fast.u, exact.u) and torch.equal(fast.s, exact.s)
+    assert not calls

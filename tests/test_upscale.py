@@ -83,6 +83,7 @@ def test_dense_and_low_rank_parameter_shapes():
     ({"gate_k": 2, "k": 0}, "k:"),
     ({"gate_k": 2, "k": 2, "top_k": 4}, "top_k"),
     ({"gate_k": 2, "k": 2, "top_k": 0}, "top_k"),
+    ({"gate_k": 2, "k": 2, "svd_solver": "lanczos"}, "svd_solver: must be one of exact, randomized"),
 ])
 def test_bad_hyperparameters_are_named(kwargs, message):
     base, experts = make_net_pool()
@@ -166,6 +167,15 @@ def test_router_from_weights_is_cached_separately(tmp_path):
     upscale(base, experts, gate_k=2, k=2, svd_cache=tmp_path)
     by_weight = upscale(base, experts, gate_k=2, k=2, routing_use_diff=False, svd_cache=tmp_path)
     assert by_weight.smile_info.svd_computed == 4 and by_weight.smile_info.svd_cache_hits == 4
+
+
+def test_randomized_factors_are_cached_apart_from_exact_ones(tmp_path):
+    base, experts = make_pool(2)
+    upscale(base, experts, gate_k=2, k=2, svd_cache=tmp_path)
+    fast = upscale(base, experts, gate_k=2, k=2, svd_cache=tmp_path, svd_solver="randomized")
+    assert fast.smile_info.svd_computed == 4 and fast.smile_info.svd_cache_hits == 0
+    again = upscale(base, experts, gate_k=2, k=2, svd_cache=tmp_path, svd_solver="randomized")
+    assert again.smile_info.svd_computed == 0 and again.smile_info.svd_cache_hits == 4
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

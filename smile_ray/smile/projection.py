@@ -64,7 +64,8 @@ def projection_merge(base: Model, finetuned: Model, *, space: str = "II+III", k:
         layer, target = base.linear(name), merged_modules[name]
         check_finite(name, {"the pretrained model": layer.weight, "the fine-tuned model": target.weight})
         w0 = layer.weight.detach().float()
-        factors = decomposer.factors(w0, min(w0.shape), SvdCache.key(name, decomposer.digest(layer.weight), "", "base"))
+        key = decomposer.key(name, decomposer.digest(layer.weight), "", "base")
+        factors = decomposer.factors(w0, min(w0.shape), key)
         layer_k = min(k, factors.rank) if k > 0 else energy_rank(factors.s)
         delta = project(target.weight.detach().float() - w0, factors.u, factors.v, layer_k, space)
         target.weight.copy_((w0 + delta).to(target.weight.dtype))

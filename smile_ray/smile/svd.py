@@ -1,8 +1,12 @@
 """Truncated SVD of weight matrices and its content-addressed cache on disk.
 
-The top-r singular triplets of a matrix A (m × n) come from the eigendecomposition of the smaller
-Gram matrix (AᵀA or AAᵀ) in float64: the same top-r subspace as a full SVD, to float32 rounding,
-while skipping the factor that a full SVD spends on the discarded directions (see bench/).
+Two solvers for the top-r singular triplets of a matrix A (m × n):
+  exact       the eigendecomposition of the smaller Gram matrix (AᵀA or AAᵀ) in float64: the same top-r
+              subspace as a full SVD, to float32 rounding, while skipping the factor that a full SVD spends on
+              the discarded directions.
+  randomized  a randomized range finder with power iterations (Halko, Martinsson & Tropp 2011, alg. 4.4) in
+              float32: O(m·n·r) instead of O(m·n·min(m, n)). Accurate where the spectrum decays past rank r, as
+              fine-tuned task vectors' do; bench/vs_reference.py measures its errors against the exact solver.
 
 The cache stores (U, s, V) per (layer name, content of W0, content of Wᵢ, what was decomposed) as
 safetensors files. A request for rank ≤ the cached rank is a slice of the cached factors; a larger
@@ -27,6 +31,9 @@ from safetensors.torch import load_file, save_file
 from smile_ray.files import default_file_mode
 
 MIN_PARALLEL_GRAM = 256         # smaller side below which one thread is faster (bench/svd_threads.py)
+SOLVERS = ("exact", "randomized")
+POWER_ITERATIONS = 4            # randomized: passes of AᵀA over the sketch
+SKETCH_EXTRA = 8                # randomized: the sketch holds 2·rank + SKETCH_EXTRA columns
 GRAM_BLOCK_BYTES = 4 << 20      # on a CPU, rows are taken to float64 this many bytes at a time
 _counter_lock = threading.Lock()
 _svd_calls = 0
@@ -55,8 +62,11 @@ class Factors:
         return Factors(self.u[:, :rank], self.s[:rank], self.v[:, :rank], self.complete and rank == self.rank)
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int, device: torch.device | str | None = None) -> Factors:
-    """Top-`rank` singular triplets of `matrix` (m × n), computed on `device`, returned in float32 on CPU.
+def truncated_svd(matrix: torch.Tensor, rank: int, device: torch.device | str | None = None,
+                  solver: str = "exact") -> Factors:
+    """Top-`rank` singular triplets of `matrix` (m × n), computed on `device` by `solver` (see SOLVERS), returned
+    in float32 on CPU. The randomized solver hands over to the exact one where its sketch would not be smaller
+    than half of min(m, n): there it saves nothing.
 
     rank is clamped to min(m, n). Directions whose singular value is zero to working precision
     (≤ 1e-6 · s₁) get s = 0 and zero singular vectors, where a full SVD would return arbitrary
@@ -69,7 +79,11 @@ def truncated_svd(matrix: torch.Tensor, rank: int, device: torch.device | str | 
     global _svd_calls
     on_cpu = torch.device(device or matrix.device).type == "cpu"
     with torch_threads(1 if on_cpu and min(matrix.shape) < MIN_PARALLEL_GRAM else None):
-        factors = _decompose(matrix, rank, device)
+        sketch = 2 * min(rank, min(matrix.shape)) + SKETCH_EXTRA
+        if solver == "randomized" and 2 * sketch <= min(matrix.shape):
+            factors = _randomized(matrix, rank, sketch, device)
+        else:
+            factors = _decompose(matrix, rank, device)
     with _counter_lock:
         _svd_calls += 1
     return factors
@@ -109,10 +123,31 @@ def _decompose(matrix: torch.Tensor, rank: int, device: torch.device | str | Non
     live = s > s[:1] * 1e-6                  # below this, the Gram matrix's float64 rounding dominates
     other = torch.cat([b.to(device=device, dtype=torch.float64) @ eigvecs for b in rows.split(block)])
     other = other / torch.where(live, s, 1.0)
-    eigvecs, other, s = eigvecs * live, other * live, s * live
     u, v = (eigvecs, other) if m < n else (other, eigvecs)
+    return _factors(u, s, v, live, rank == full)
+
+
+def _randomized(matrix: torch.Tensor, rank: int, sketch: int, device: torch.device | str | None) -> Factors:
+    """truncated_svd's randomized solver: an orthonormal basis Q (m × sketch) of A Ω for a seeded Gaussian Ω,
+    refined by POWER_ITERATIONS passes of A Aᵀ (re-orthonormalised at every product), then the exact SVD of the
+    small Qᵀ A. The same matrix always gives the same factors (Ω is drawn from a fixed seed)."""
+    device = torch.device(device or matrix.device)
+    a = matrix.to(device=device, dtype=torch.float32)
+    generator = torch.Generator(device=device).manual_seed(0)
+    omega = torch.randn(a.shape[1], sketch, generator=generator, device=device)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(POWER_ITERATIONS):
+        q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
+    u_small, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    u, s, v = q @ u_small[:, :rank], s[:rank], vh[:rank].T
+    return _factors(u, s, v, s > s[:1] * 1e-6, False)
+
+
+def _factors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, live: torch.Tensor, complete: bool) -> Factors:
+    """Factors in float32 on the CPU, the directions that are not `live` zeroed (s and both vectors)."""
     to_cpu = {"device": "cpu", "dtype": torch.float32}
-    return Factors(u.to(**to_cpu).contiguous(), s.to(**to_cpu), v.to(**to_cpu).contiguous(), rank == full)
+    u, s, v = u * live, s * live, v * live
+    return Factors(u.to(**to_cpu).contiguous(), s.to(**to_cpu), v.to(**to_cpu).contiguous(), complete)
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -187,10 +222,19 @@ class SvdCache:
 class Decomposer:
     """Truncated SVDs through an optional cache, with statistics."""
 
-    def __init__(self, cache: SvdCache | str | os.PathLike | None = None, device: torch.device | str | None = None):
+    def __init__(self, cache: SvdCache | str | os.PathLike | None = None, device: torch.device | str | None = None,
+                 solver: str = "exact"):
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.cache = SvdCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.device = device
+        self.solver = solver
         self.stats = SvdStats()
+
+    def key(self, layer: str, base_digest: str, expert_digest: str, what: str) -> str:
+        """SvdCache.key of a decomposition by this solver (the randomized solver's factors are kept apart)."""
+        solved = what if self.solver == "exact" else f"{what}/{self.solver}"
+        return SvdCache.key(layer, base_digest, expert_digest, solved)
 
     def digest(self, tensor: torch.Tensor) -> str:
         """`tensor_digest` for cache keys; "" without a cache, where no key is looked up."""
@@ -204,7 +248,7 @@ class Decomposer:
                 self.stats.add(hits=1)
                 return cached
         start = time.perf_counter()
-        factors = truncated_svd(matrix, rank, self.device)
+        factors = truncated_svd(matrix, rank, self.device, self.solver)
         self.stats.add(computed=1, seconds=time.perf_counter() - start)
         if self.cache is not None:
             self.cache.put(key, factors)

@@ -19,7 +19,7 @@ from torch import nn
 
 from smile_ray.errors import SmileError
 from smile_ray.smile.layer import SmileLinear
-from smile_ray.smile.svd import Decomposer, SvdCache, SvdStats
+from smile_ray.smile.svd import SOLVERS, Decomposer, SvdCache, SvdStats
 from smile_ray.smile.weights import ModelWeights, as_weights, linear_layers, return_freed_memory
 
 Model = nn.Module | ModelWeights
@@ -97,7 +97,8 @@ def is_zero(tensor: torch.Tensor | None) -> bool:
 
 def upscale(base: Model, experts: Experts, *, gate_k: int, k: int, top_k: int = 1,
             routing_use_diff: bool = True, average_experts: bool = False, targets: Sequence[str] | None = None,
-            svd_cache: SvdCache | str | Path | None = None, device: torch.device | str | None = None) -> nn.Module:
+            svd_cache: SvdCache | str | Path | None = None, device: torch.device | str | None = None,
+            svd_solver: str = "exact") -> nn.Module:
     """Build a SMILE model from a pretrained `base` and fine-tuned `experts` of the same architecture.
 
     gate_k: router rank per expert; k: expert rank (< 0: dense experts); top_k: experts per token.
@@ -106,6 +107,7 @@ def upscale(base: Model, experts: Experts, *, gate_k: int, k: int, top_k: int = 
       become the experts' mean instead of staying pretrained.
     targets: module-name patterns choosing which nn.Linear layers to upscale (default: all).
     svd_cache: a directory (or SvdCache) reusing truncated SVDs across calls; device: where SVDs run.
+    svd_solver: "exact" or "randomized" (svd.py: faster where task vectors' spectra decay past the ranks used).
     Returns a new module (the inputs are untouched) with `.smile_info` (an UpscaleInfo).
     """
     base, experts = as_weights(base), named_experts(experts)
@@ -115,10 +117,12 @@ def upscale(base: Model, experts: Experts, *, gate_k: int, k: int, top_k: int = 
         raise SmileError(f"gate_k: must be a positive integer, got {gate_k!r}")
     if not isinstance(k, int) or k == 0:
         raise SmileError(f"k: must be a positive rank, or negative for dense experts, got {k!r}")
+    if svd_solver not in SOLVERS:
+        raise SmileError(f"svd_solver: must be one of {', '.join(SOLVERS)}, got {svd_solver!r}")
     if not isinstance(top_k, int) or not 1 <= top_k <= len(experts):
         raise SmileError(f"top_k: must be between 1 and the number of experts ({len(experts)}), got {top_k!r}")
     check_same_architecture(base, experts)
-    decomposer = Decomposer(svd_cache, device)
+    decomposer = Decomposer(svd_cache, device, svd_solver)
     info = UpscaleInfo()
     names = [name for name in base.linear_names() if matches(name, targets)]
     model = base.instantiate(without=names)
@@ -188,7 +192,7 @@ def smile_layer(name: str, base: nn.Linear, experts: Mapping[str, ModelWeights],
                 layer.svh[i].zero_()
         else:
             expert_digest = decomposer.digest(expert.weight)
-            key = {what: SvdCache.key(name, base_digest, expert_digest, what) for what in ("diff", "weight")}
+            key = {what: decomposer.key(name, base_digest, expert_digest, what) for what in ("diff", "weight")}
             # ΔWᵢ's factors feed the low-rank expert and the router of routing_use_diff;
             # dense experts routed by Wᵢ need none
             factors = (decomposer.factors(delta, svd_rank, key["diff"])
