@@ -17,7 +17,7 @@ RESERVED_KEYS = ("model_info", "average", "timings", "routing", "saved_model")
 # the numbers run_trial reports besides the tasks' METRICS (tests/test_run.py checks a real report against these)
 MODEL_INFO_NUMBERS = ("trainable_params", "all_params", "trainable_percentage", "active_params", "base_params",
                       "extra_params", "ratio", "svd_calls", "svd_cache_hits")
-TIMINGS = ("load_seconds", "svd_seconds", "upscale_seconds", "eval_seconds")
+TIMINGS = ("load_seconds", "svd_seconds", "upscale_seconds", "eval_seconds", "eval_samples")
 
 
 def count_parameters(model: Any) -> dict[str, int | float]:
@@ -58,7 +58,7 @@ def build_report(results: Mapping[str, Mapping[str, float]], *, model: Any = Non
     `model_info` starts from `count_parameters(model)` when `model` is given; `model_info` adds or overrides
     entries (extra parameter accounting, e.g. base/expert parameter counts). "average" is computed from the tasks
     (with `primary`, task → its score's metric, it holds "score", the mean of the tasks' scores), else taken from
-    `results`. `timings` holds seconds, e.g. {"svd_seconds", "upscale_seconds", "eval_seconds"}.
+    `results`. `timings` holds seconds, e.g. {"svd_seconds", "upscale_seconds", "eval_seconds"}, and "eval_samples".
     """
     info: dict[str, Any] = count_parameters(model) if model is not None else {}
     info.update(model_info or {})

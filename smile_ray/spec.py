@@ -137,8 +137,9 @@ SEARCH_SPACES_DIR = _shipped_spaces_dir()
 TOP_LEVEL = ("name", "description", "model_pool", "task_pool", "method", "search", "resources", "tracking")
 DISTRIBUTIONS = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}
 SEARCH_FIELDS = {"algorithm": ("grid", "random", "optuna"), "num_samples": 1, "metric": None,
-                 "mode": (None, "max", "min"), "max_concurrent": None, "scheduler": ("none", "asha"), "max_failures": 1,
-                 "seed": 0}
+                 "mode": (None, "max", "min"), "max_concurrent": None, "scheduler": ("none", "asha", "halving"),
+                 "max_failures": 1, "seed": 0, "min_samples": 16, "reduction_factor": 3,   # these three: halving
+                 "noise_margin": 1.0}
 
 
 def resolve_space_path(space: str | Path) -> Path:
@@ -350,12 +351,18 @@ def _search(section: Any) -> dict[str, Any]:
             value = section.get(key)
             if value is not None:
                 _check_type(path, value, str, "a metric name such as average/accuracy")
+        elif isinstance(default, float):
+            value = section.get(key, default)
+            _check_type(path, value, (int, float), "a number")
+            if isinstance(value, bool) or value < 0:
+                raise _fail(path, f"must be a number ≥ 0, got {value!r}")
         else:
             value = section.get(key, default)
             if value is not None or key != "max_concurrent":
                 _check_type(path, value, int, "an integer")
-                if value < (0 if key in ("max_failures", "seed") else 1):
-                    raise _fail(path, f"must be {'≥ 0' if key in ('max_failures', 'seed') else '≥ 1'}, got {value}")
+                least = {"max_failures": 0, "seed": 0, "reduction_factor": 2}.get(key, 1)
+                if value < least:
+                    raise _fail(path, f"must be ≥ {least}, got {value}")
         resolved[key] = value
     return resolved
 
@@ -413,6 +420,12 @@ def parse_space(document: Mapping[str, Any], name: str) -> SweepSpec:
         get_method(block["name"]).check_pool(candidates(block), experts, "method" if len(methods) == 1
                                              else f"method[{i}]")
     search["metric"], search["mode"] = _objective(search, spec.task_pool.scores())
+    if search["scheduler"] == "halving" and not spec.task_pool.sample_slices:
+        from smile_ray.kinds import task_pool_kinds
+
+        able = ", ".join(kind for kind, config in task_pool_kinds().items() if config.sample_slices)
+        raise _fail("search.scheduler", f"halving evaluates samples in rungs, which task pool kind "
+                                        f"'{spec.task_pool.kind}' cannot (kinds that can: {able})")
     return spec
 
 

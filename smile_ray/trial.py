@@ -28,9 +28,10 @@ from smile_ray.smile.weights import as_weights
 from smile_ray.smile.checkpoint import save_model
 from smile_ray.smile.routing import RoutingRecorder, own_expert_share
 from smile_ray.spec import checked_pools
-from smile_ray.tasks.evaluation import default_device
+from smile_ray.tasks.evaluation import BOOKKEEPING, default_device, merge_sample_means
 
 TaskDone = Callable[[str, dict, dict], None]
+RungDone = Callable[[int, int, dict], None]
 
 
 @dataclass
@@ -65,15 +66,28 @@ def build_pools(config: Mapping[str, Any], device: torch.device | str | None = N
     return load_pools(*checked_pools(config), device=device)
 
 
+def rung_sizes(min_samples: int, reduction_factor: int, largest: int) -> list[int]:
+    """Samples per task evaluated by the end of each rung: min_samples · reduction_factorⁱ below `largest`, then
+    `largest` (every sample)."""
+    sizes = []
+    while min_samples < largest:
+        sizes.append(min_samples)
+        min_samples *= reduction_factor
+    return [*sizes, largest]
+
+
 def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cache: SvdCache | str | Path | None = None,
               device: torch.device | str | None = None, on_task_done: TaskDone | None = None,
-              save_model_dir: str | Path | None = None) -> dict[str, Any]:
+              save_model_dir: str | Path | None = None, halving: tuple[int, int] | None = None,
+              on_rung: RungDone | None = None) -> dict[str, Any]:
     """Merge and evaluate one configuration; returns the FusionBench-style report.
 
     pools: reuse already-resolved pools (datasets and text heads are then prepared only once).
     svd_cache: directory (or SvdCache) of truncated SVDs shared between runs.
     on_task_done(task, metrics, running): called after each task with the running results.
     save_model_dir: also write the merged model there (safetensors, loads back with checkpoint.load_model).
+    halving: (min_samples, reduction_factor): evaluate in rungs (`rung_sizes`), every task's next samples per rung,
+      calling on_rung(rung, samples per task, running results) after each (the pool must have sample_slices).
     """
     device = torch.device(device) if device is not None else default_device()
     method_section = _section(config, "method")
@@ -95,22 +109,38 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
 
     recorder = RoutingRecorder(merged)
     routing: dict[str, dict[str, list[float]]] = {}
+    evaluated: dict[str, int] = {}                  # task → samples evaluated
+
+    def count_samples(task: str, samples: int) -> None:       # and the routing shares over all of them so far
+        before = evaluated.get(task, 0)
+        evaluated[task] = before + samples
+        if recorder.layers:
+            shares = recorder.take()
+            routing[task] = {layer: [(old * before + new * samples) / (before + samples)
+                                     for old, new in zip(routing.get(task, {}).get(layer, [0.0] * len(share)), share)]
+                             for layer, share in shares.items()}
+
+    def with_average(running: dict) -> dict:
+        done = {name: running[name] for name in task_names(running)}
+        return {**done, "average": average_metrics(done, pools.primary)}
 
     def task_done(task: str, metrics: dict, running: dict) -> None:        # the running average, with its score
-        if recorder.layers:
-            routing[task] = recorder.take()
+        count_samples(task, metrics["samples"])
         if on_task_done is not None:
-            done = {name: running[name] for name in task_names(running)}
-            on_task_done(task, metrics, {**done, "average": average_metrics(done, pools.primary)})
+            on_task_done(task, metrics, with_average(running))
 
     start = time.perf_counter()
     with recorder:
-        results = pools.tasks.evaluate(merged, on_task_done=task_done)
+        if halving is None:
+            results = pools.tasks.evaluate(merged, on_task_done=task_done)
+        else:
+            results = _evaluate_in_rungs(pools.tasks, merged, halving, count_samples, with_average, on_rung)
     eval_seconds = time.perf_counter() - start
 
     counts = parameter_report(merged, as_weights(base).parameter_count())
     timings = {"load_seconds": load_seconds, "svd_seconds": info.svd_seconds if info else 0.0,
-               "upscale_seconds": merge_seconds, "eval_seconds": eval_seconds}
+               "upscale_seconds": merge_seconds, "eval_seconds": eval_seconds,
+               "eval_samples": sum(evaluated.values())}          # what evaluation cost: seconds, and samples
     model_info = {**counts, "svd_calls": info.svd_computed if info else 0,
                   "svd_cache_hits": info.svd_cache_hits if info else 0}
     report = build_report(results, model=merged, name=method.name, model_info=model_info, timings=timings,
@@ -123,3 +153,28 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
         load_tokenizer = getattr(pools.models, "load_tokenizer", None)
         save_model(merged.to("cpu"), save_model_dir, tokenizer=load_tokenizer() if load_tokenizer else None)
     return report
+
+
+def _evaluate_in_rungs(tasks, model, halving: tuple[int, int], count_samples: Callable[[str, int], None],
+                       with_average: Callable[[dict], dict], on_rung: RungDone | None) -> dict[str, Any]:
+    """run_trial's evaluation with `halving`: rung by rung, each task's next slice of samples, merged with what came
+    before (metrics are sample means), on_rung(rung, samples per task, running results) after each rung but the
+    last (whose results are the trial's report: nothing is left to stop)."""
+    totals: dict[str, dict[str, float]] = {}
+
+    def slice_done(task: str, metrics: dict, _running: dict) -> None:
+        totals[task] = merge_sample_means(totals.get(task), metrics)
+        count_samples(task, metrics["samples"])
+
+    start = 0
+    sizes = rung_sizes(*halving, max(tasks.sample_counts().values()))
+    for rung, stop in enumerate(sizes, 1):
+        tasks.evaluate(model, on_task_done=slice_done, rows=slice(start, stop))
+        if on_rung is not None and rung < len(sizes):
+            on_rung(rung, stop, with_average({task: _metrics(m) for task, m in totals.items()}))
+        start = stop
+    return with_average({task: _metrics(m) for task, m in totals.items()})
+
+
+def _metrics(merged: dict[str, float]) -> dict[str, float]:
+    return {key: value for key, value in merged.items() if key not in BOOKKEEPING}

@@ -84,6 +84,13 @@ def test_randomized_solver_agrees_with_the_exact_one_on_a_decaying_spectrum(shap
     assert torch.equal(again.u, fast.u) and torch.equal(again.v, fast.v)
 
 
+def test_randomized_solver_hands_over_to_the_exact_one_on_a_flat_spectrum(monkeypatch):
+    noise = torch.randn(300, 200, generator=torch.Generator().manual_seed(3))      # σ₈ ≈ σ₉: no sketch finds it
+    assert svd._randomized(noise, 8, 24, "cpu") is None
+    fast, exact = truncated_svd(noise, 8, solver="randomized"), truncated_svd(noise, 8)
+    assert torch.equal(fast.u, exact.u) and torch.equal(fast.v, exact.v)
+
+
 def test_randomized_solver_hands_over_to_the_exact_one_where_a_sketch_saves_nothing(monkeypatch):
     a = decaying(60, 40)
     calls = []

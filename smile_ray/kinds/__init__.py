@@ -157,6 +157,10 @@ class ModelPoolConfig(PoolConfig):
 
 
 class TaskPoolConfig(PoolConfig):
+    # the pool evaluates any slice of each task's samples, with metrics that are means over samples (so a sweep can
+    # score a configuration on the first samples and stop it early: `search.scheduler: halving`)
+    sample_slices: ClassVar[bool] = False
+
     @abstractmethod
     def scores(self) -> dict[str, TaskScores]:
         """Task name → what it reports, in evaluation order."""
@@ -178,7 +182,9 @@ class ModelPool(Protocol):
 
 class TaskPool(Protocol):
     """What a task-pool kind's loader returns. `evaluate` returns {task: {metric: value}} for every task (and may
-    add an "average"), calling on_task_done(task, metrics, results so far) after each."""
+    add an "average"), calling on_task_done(task, metrics, results so far) after each. A pool whose config has
+    `sample_slices` also takes `rows` (a slice of each task's samples; tasks without samples there are left out of
+    the results) and answers `sample_counts()` (task → its number of samples)."""
 
     tasks: Sequence[Any]
     device: Any

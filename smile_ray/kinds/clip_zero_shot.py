@@ -24,6 +24,7 @@ def evaluation_options(section: Section) -> dict[str, int | None]:
 @register_task_pool("clip_zero_shot", loader="smile_ray.tasks.clip_zero_shot:load_pool")
 @dataclass(frozen=True)
 class ClipZeroShotConfig(TaskPoolConfig):
+    sample_slices = True
     tasks: tuple                                  # TA8 names, or mappings with the ClipTask fields
     clip_model: str | None = None                 # the full CLIPModel of the text side (default: the pool's base)
     batch_size: int = 128

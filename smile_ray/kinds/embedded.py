@@ -41,6 +41,7 @@ class EmbeddedModels(ModelPoolConfig):
 @register_task_pool("embedded", loader="smile_ray.embedded.pools:load_task_pool")
 @dataclass(frozen=True)
 class EmbeddedTasks(TaskPoolConfig):
+    sample_slices = True
     tasks: tuple[str, ...] = TASK_NAMES
     batch_size: int = 128
     num_workers: int = 0

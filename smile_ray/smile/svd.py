@@ -6,7 +6,9 @@ Two solvers for the top-r singular triplets of a matrix A (m × n):
               the discarded directions.
   randomized  a randomized range finder with power iterations (Halko, Martinsson & Tropp 2011, alg. 4.4) in
               float32: O(m·n·r) instead of O(m·n·min(m, n)). Accurate where the spectrum decays past rank r, as
-              fine-tuned task vectors' do; bench/vs_reference.py measures its errors against the exact solver.
+              fine-tuned task vectors' do. Its factors are checked: where the residual ‖A vᵢ − σᵢ uᵢ‖ of some
+              triplet exceeds RESIDUAL_TOLERANCE · σ₁ (a flat spectrum), the exact solver decomposes the matrix
+              instead. bench/vs_reference.py measures its errors and speed against the exact solver.
 
 The cache stores (U, s, V) per (layer name, content of W0, content of Wᵢ, what was decomposed) as
 safetensors files. A request for rank ≤ the cached rank is a slice of the cached factors; a larger
@@ -34,6 +36,7 @@ MIN_PARALLEL_GRAM = 256         # smaller side below which one thread is faster 
 SOLVERS = ("exact", "randomized")
 POWER_ITERATIONS = 4            # randomized: passes of AᵀA over the sketch
 SKETCH_EXTRA = 8                # randomized: the sketch holds 2·rank + SKETCH_EXTRA columns
+RESIDUAL_TOLERANCE = 1e-4       # randomized: the largest accepted ‖A vᵢ − σᵢ uᵢ‖ / σ₁
 GRAM_BLOCK_BYTES = 4 << 20      # on a CPU, rows are taken to float64 this many bytes at a time
 _counter_lock = threading.Lock()
 _svd_calls = 0
@@ -66,7 +69,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int, device: torch.device | str | 
                   solver: str = "exact") -> Factors:
     """Top-`rank` singular triplets of `matrix` (m × n), computed on `device` by `solver` (see SOLVERS), returned
     in float32 on CPU. The randomized solver hands over to the exact one where its sketch would not be smaller
-    than half of min(m, n): there it saves nothing.
+    than half of min(m, n) (there it saves nothing) and where its factors fail the residual check.
 
     rank is clamped to min(m, n). Directions whose singular value is zero to working precision
     (≤ 1e-6 · s₁) get s = 0 and zero singular vectors, where a full SVD would return arbitrary
@@ -80,9 +83,10 @@ def truncated_svd(matrix: torch.Tensor, rank: int, device: torch.device | str | 
     on_cpu = torch.device(device or matrix.device).type == "cpu"
     with torch_threads(1 if on_cpu and min(matrix.shape) < MIN_PARALLEL_GRAM else None):
         sketch = 2 * min(rank, min(matrix.shape)) + SKETCH_EXTRA
+        factors = None
         if solver == "randomized" and 2 * sketch <= min(matrix.shape):
             factors = _randomized(matrix, rank, sketch, device)
-        else:
+        if factors is None:
             factors = _decompose(matrix, rank, device)
     with _counter_lock:
         _svd_calls += 1
@@ -127,10 +131,11 @@ def _decompose(matrix: torch.Tensor, rank: int, device: torch.device | str | Non
     return _factors(u, s, v, live, rank == full)
 
 
-def _randomized(matrix: torch.Tensor, rank: int, sketch: int, device: torch.device | str | None) -> Factors:
+def _randomized(matrix: torch.Tensor, rank: int, sketch: int, device: torch.device | str | None) -> Factors | None:
     """truncated_svd's randomized solver: an orthonormal basis Q (m × sketch) of A Ω for a seeded Gaussian Ω,
     refined by POWER_ITERATIONS passes of A Aᵀ (re-orthonormalised at every product), then the exact SVD of the
-    small Qᵀ A. The same matrix always gives the same factors (Ω is drawn from a fixed seed)."""
+    small Qᵀ A. The same matrix always gives the same factors (Ω is drawn from a fixed seed). None when a
+    triplet's residual fails RESIDUAL_TOLERANCE. (Aᵀ uᵢ = σᵢ vᵢ holds by construction: A vᵢ is the side to check.)"""
     device = torch.device(device or matrix.device)
     a = matrix.to(device=device, dtype=torch.float32)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -140,6 +145,8 @@ def _randomized(matrix: torch.Tensor, rank: int, sketch: int, device: torch.devi
         q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
     u_small, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
     u, s, v = q @ u_small[:, :rank], s[:rank], vh[:rank].T
+    if (a @ v - u * s).norm(dim=0).max() > RESIDUAL_TOLERANCE * s[0]:
+        return None
     return _factors(u, s, v, s > s[:1] * 1e-6, False)
 
 

@@ -40,9 +40,14 @@ def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict
 
 
 def _status(trial: dict[str, Any]) -> str:
-    """A trial's status; one stopped early says after how many tasks (its score is their running average)."""
-    done = trial["metrics"].get("tasks_done")
-    return f"stopped after {int(done)} task(s)" if trial["status"] == "stopped" and done else trial["status"]
+    """A trial's status; one stopped early says after how many tasks, or samples per task (its score is their running
+    average)."""
+    if trial["status"] != "stopped":
+        return trial["status"]
+    samples, done = trial["metrics"].get("samples_per_task"), trial["metrics"].get("tasks_done")
+    if samples:
+        return f"stopped at {int(samples)} samples per task"
+    return f"stopped after {int(done)} task(s)" if done else trial["status"]
 
 
 def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:

@@ -26,7 +26,13 @@ def _search_algorithm(spec: SweepSpec):
 
 
 def _scheduler(spec: SweepSpec, num_tasks: int):
-    if spec.search["scheduler"] != "asha":
+    """asha: rungs are tasks done (each trial reports after each task); halving: rungs are samples per task."""
+    search = spec.search
+    if search["scheduler"] == "halving":
+        from smile_ray.sweep.halving import SampleHalving
+
+        return SampleHalving(search["reduction_factor"], search["noise_margin"])   # metric, mode: the TuneConfig's
+    if search["scheduler"] != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
@@ -52,7 +58,9 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     trainable = tune.with_resources(
         tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.output / SVD_CACHE_DIR),
                              reports_dir=str(options.output / REPORTS_DIR), sweep=spec.name,
-                             models_dir=str(options.output / MODELS_DIR) if spec.tracking["save_model"] else None),
+                             models_dir=str(options.output / MODELS_DIR) if spec.tracking["save_model"] else None,
+                             halving=((spec.search["min_samples"], spec.search["reduction_factor"])
+                                      if spec.search["scheduler"] == "halving" else None)),
         {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
     path = str(options.output / EXPERIMENT_DIR)
     if options.resume:                                   # run_sweep checked that there is one

@@ -57,9 +57,11 @@ def _quiet_exit_during_gc(unraisable: Any, report=sys.__unraisablehook__) -> Non
 
 
 def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: str, sweep: str,
-                models_dir: str | None = None) -> None:
+                models_dir: str | None = None, halving: tuple[int, int] | None = None) -> None:
     """One Tune trial: merge with config["method"], evaluate task by task, report after each task; with
-    `models_dir` (`tracking.save_model`), also save the merged model to `models_dir/<trial id>`.
+    `models_dir` (`tracking.save_model`), also save the merged model to `models_dir/<trial id>`. With `halving`
+    (min_samples, reduction_factor), evaluate in rungs of samples instead and report after each rung, with the
+    score's standard error, for `SampleHalving` to stop the trial early (sweep/halving.py).
 
     The finished report is also written to `reports_dir/<trial id>.json`: a trial that Tune runs again after
     the driver was killed (its experiment state is saved every few seconds, not at every trial) reports that
@@ -72,6 +74,7 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: s
     from smile_ray.hub import quiet_transformers
     from smile_ray.metrics import SweepMetrics
     from smile_ray.report import flatten_metrics
+    from smile_ray.sweep.halving import score_stderr
     from smile_ray.trial import run_trial
 
     if sys.unraisablehook is not _quiet_exit_during_gc:
@@ -93,11 +96,17 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: s
             metrics.eval_throughput(task_metrics["samples"] / max(task_metrics["seconds"], 1e-9), trial=trial_id)
             tune.report({**flatten_metrics(running), "tasks_done": len(running) - 1})
 
+        def rung_done(rung: int, samples: int, running: dict) -> None:
+            counts = {task: min(samples, count) for task, count in pools.tasks.sample_counts().items()}
+            tune.report({**flatten_metrics(running), "rung": rung, "samples_per_task": samples,
+                         "score_stderr": score_stderr(running, pools.primary, counts),
+                         "timings/eval_samples": sum(counts.values())})
+
         model_dir = None if models_dir is None else Path(models_dir) / trial_id
         if model_dir is not None:
             shutil.rmtree(model_dir, ignore_errors=True)     # an earlier attempt's, if it was cut short
         report = run_trial({"method": config["method"]}, pools=pools, svd_cache=svd_cache, device=device,
-                           on_task_done=task_done, save_model_dir=model_dir)
+                           on_task_done=task_done, save_model_dir=model_dir, halving=halving, on_rung=rung_done)
         if model_dir is not None:
             report["saved_model"] = str(model_dir)
         if report["timings"].get("svd_seconds"):

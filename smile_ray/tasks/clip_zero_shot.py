@@ -226,29 +226,38 @@ class ClipZeroShotTaskPool(EvaluatorBase):
             for _ in self._batches(task):
                 pass
 
-    def _batches(self, task: ClipTask) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 pixels (B, 3, H, W), labels (B,)) batches, in dataset order."""
+    def sample_counts(self) -> dict[str, int]:
+        """Task name → its number of samples (after max_samples)."""
+        return {task.name: len(self.task_data(task).dataset) for task in self.tasks}
+
+    def _batches(self, task: ClipTask, rows: slice | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 pixels (B, 3, H, W), labels (B,)) batches of the task's samples (or of `rows` of them), in dataset
+        order."""
         data = self.task_data(task)
+        start, stop, _ = (rows or slice(None)).indices(len(data.dataset))
         if data.pixels is not None:
-            for start in range(0, len(data.labels), self.batch_size):
-                stop = start + self.batch_size
-                yield torch.from_numpy(data.pixels[start:stop].copy()), torch.from_numpy(data.labels[start:stop].copy())
+            for first in range(start, stop, self.batch_size):
+                last = min(first + self.batch_size, stop)
+                yield torch.from_numpy(data.pixels[first:last].copy()), torch.from_numpy(data.labels[first:last].copy())
             return
-        loader = DataLoader(data.dataset, batch_size=self.batch_size, shuffle=False, drop_last=False,
-                            num_workers=self.num_workers,
+        whole = (start, stop) == (0, len(data.dataset))
+        loader = DataLoader(data.dataset if whole else data.dataset.select(range(start, max(start, stop))),
+                            batch_size=self.batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers,
                             collate_fn=ImageGeometry(self.processor, task.image_column, task.label_column))
         chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        caching = self.cache_images and whole
         for pixels, labels in loader:
-            if self.cache_images:
+            if caching:
                 chunks.append((pixels, labels))
             yield pixels, labels
-        if self.cache_images:
+        if caching:
             data.pixels = torch.cat([p for p, _ in chunks]).numpy()
             data.labels = torch.cat([y for _, y in chunks]).numpy()
 
     @torch.no_grad()
-    def evaluate_task(self, vision_model: nn.Module, task: ClipTask) -> dict[str, float]:
-        """{"accuracy", "loss", "samples"} of `vision_model` (already on the device, in eval mode) on `task`."""
+    def evaluate_task(self, vision_model: nn.Module, task: ClipTask, rows: slice | None = None) -> dict[str, float]:
+        """{"accuracy", "loss", "samples"} of `vision_model` (already on the device, in eval mode) on `task` (or on
+        `rows` of its samples; {"samples": 0} when there are none)."""
         device = self.resolved_device()
         dtype = next(vision_model.parameters(), torch.empty(0)).dtype
         head = self.head(task).to(device)
@@ -257,7 +266,7 @@ class ClipZeroShotTaskPool(EvaluatorBase):
         correct = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         batches = samples = 0
-        for pixels, labels in self._batches(task):
+        for pixels, labels in self._batches(task, rows):
             pixel_values = self.normalizer(pixels.to(device)).to(dtype)
             labels = labels.to(device)
             logits = zero_shot_logits(self.scorer, vision_model, pixel_values, head).float()  # (B, C)
@@ -265,18 +274,21 @@ class ClipZeroShotTaskPool(EvaluatorBase):
             correct += (logits.argmax(dim=-1) == labels).sum()
             batches += 1
             samples += len(labels)
+        if not samples:
+            return {"samples": 0}
         return {"accuracy": correct.item() / samples, "loss": loss_sum.item() / batches, "samples": samples}
 
-    def evaluate(self, vision_model: nn.Module, *, on_task_done: TaskDoneCallback | None = None
-                 ) -> dict[str, dict[str, float]]:
-        """Accuracy (in [0, 1]) and loss per task, plus their unweighted mean under "average".
+    def evaluate(self, vision_model: nn.Module, *, on_task_done: TaskDoneCallback | None = None,
+                 rows: slice | None = None) -> dict[str, dict[str, float]]:
+        """Accuracy (in [0, 1]) and loss per task (of `rows` of its samples, when given), plus their unweighted mean
+        under "average".
 
         `vision_model` (a `CLIPVisionModel` or anything with its call signature and `pooler_output`) is moved
         to the device and run in its own dtype under `torch.no_grad()`. After each task,
         `on_task_done(task_name, {"accuracy", "loss", "samples", "seconds"}, results so far)` is called.
         """
         results = evaluate_each(vision_model, self.tasks, self.evaluate_task, device=self.resolved_device(),
-                                on_task_done=on_task_done)
+                                on_task_done=on_task_done, rows=rows)
         return {**results, "average": average_metrics(results)}
 
 

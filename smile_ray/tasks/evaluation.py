@@ -35,10 +35,12 @@ class EvaluatorBase:
         return self.device if self.device is not None else default_device()
 
 
-def evaluate_each(model: nn.Module, tasks: Sequence[Any], evaluate_task: Callable[[nn.Module, Any], dict[str, float]],
-                  *, device: torch.device, on_task_done: TaskDoneCallback | None = None) -> dict[str, dict[str, float]]:
+def evaluate_each(model: nn.Module, tasks: Sequence[Any], evaluate_task: Callable[..., dict[str, float]],
+                  *, device: torch.device, on_task_done: TaskDoneCallback | None = None,
+                  rows: slice | None = None) -> dict[str, dict[str, float]]:
     """{task name: its metrics} from `evaluate_task(model, task)` (which returns them with "samples"); after each task
-    on_task_done(name, its metrics with "samples" and "seconds", the results so far)."""
+    on_task_done(name, its metrics with "samples" and "seconds", the results so far). With `rows`,
+    `evaluate_task(model, task, rows)` scores that slice of the task's samples; a task with none there is left out."""
     model.to(device)
     was_training = model.training
     model.eval()
@@ -46,7 +48,9 @@ def evaluate_each(model: nn.Module, tasks: Sequence[Any], evaluate_task: Callabl
     try:
         for task in tasks:
             start = time.perf_counter()
-            metrics = evaluate_task(model, task)
+            metrics = evaluate_task(model, task) if rows is None else evaluate_task(model, task, rows)
+            if not metrics["samples"]:
+                continue
             metrics["seconds"] = time.perf_counter() - start
             results[task.name] = {key: value for key, value in metrics.items() if key not in BOOKKEEPING}
             if on_task_done is not None:
@@ -54,3 +58,14 @@ def evaluate_each(model: nn.Module, tasks: Sequence[Any], evaluate_task: Callabl
     finally:
         model.train(was_training)
     return results
+
+
+def merge_sample_means(total: dict[str, float] | None, part: dict[str, float]) -> dict[str, float]:
+    """Two evaluations of disjoint samples of one task as one: every metric (a mean over samples) weighted by its
+    "samples", which add up."""
+    if total is None:
+        return dict(part)
+    samples = total["samples"] + part["samples"]
+    merged = {key: (total[key] * total["samples"] + part[key] * part["samples"]) / samples
+              for key in part if key not in BOOKKEEPING}
+    return {**merged, "samples": samples, "seconds": total.get("seconds", 0.0) + part.get("seconds", 0.0)}
