@@ -42,6 +42,9 @@ def test_scheduler_keeps_the_best_third_at_a_rung_less_a_margin_of_noise():
     assert decide("e", result(1, 0.9)) == TrialScheduler.CONTINUE             # a tie goes on
     assert decide("f", result(2, 0.1, report={})) == TrialScheduler.CONTINUE  # the final report is no rung
     assert scheduler.stopped == {"c": 1}
+    from_tuner = SampleHalving(3)                     # as the sweep makes it: metric and mode come from the Tuner
+    assert from_tuner.set_search_properties("average/accuracy", "max")
+    assert (from_tuner._metric, from_tuner._mode) == ("average/accuracy", "max")
     lower = SampleHalving(2, metric="average/loss", mode="min")
     lower.on_trial_result(None, SimpleNamespace(trial_id="a"), {"rung": 1, "average/loss": 0.2})
     assert lower.on_trial_result(None, SimpleNamespace(trial_id="b"), {"rung": 1, "average/loss": 0.9}) == "STOP"
@@ -81,8 +84,14 @@ def test_a_halving_sweep_stops_weak_trials_early_and_keeps_every_trial_in_mlflow
         assert trial["metrics"]["samples_per_task"] < 20
         assert trial["metrics"]["timings/eval_samples"] < finished[0]["metrics"]["timings/eval_samples"]
     assert summary["best"]["trial_id"] in {t["trial_id"] for t in finished}
-    lines = (tmp_path / "out" / "tune" / f"trial_{finished[0]['trial_id']}" / "result.json").read_text().splitlines()
-    assert [json.loads(line).get("samples_per_task") for line in lines] == [2, 4, 8, 16, None]   # then the report
+    rungs = {t["trial_id"]: [json.loads(line) for line in (tmp_path / "out" / "tune" / f"trial_{t['trial_id']}" /
+                                                            "result.json").read_text().splitlines()] for t in trials}
+    assert [r.get("samples_per_task") for r in rungs[finished[0]["trial_id"]]] == [2, 4, 8, 16, None]  # then report
+    for trial in stopped:        # each was below the best earlier trial's score at the rung where it stopped
+        last = rungs[trial["trial_id"]][-1]
+        rivals = [r["average/accuracy"] for other, results in rungs.items() if other < trial["trial_id"]
+                  for r in results if r.get("rung") == last["rung"]]
+        assert last["average/accuracy"] < max(rivals)
     client = MlflowClient(uri)
     kids = client.search_runs([summary["mlflow"]["experiment_id"]],
                               filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow']['parent_run_id']}'")

@@ -46,6 +46,13 @@ class SampleHalving(FIFOScheduler):
         self.recorded: dict[int, dict[str, float]] = {}          # rung → trial id → score (higher is better)
         self.stopped: dict[str, int] = {}                        # trial id → the rung it was stopped at
 
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        """The Tuner's metric and mode (TrialScheduler's sets the metric only)."""
+        if self._mode and mode:
+            return False
+        self._mode = self._mode or mode
+        return super().set_search_properties(metric, mode, **spec)
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         rung, score = result.get("rung"), result.get(self._metric)
         if rung is None or score is None or "report" in result:  # not a rung (the final report repeats the last)
