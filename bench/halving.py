@@ -45,13 +45,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", default="embedded_grid")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    parser.add_argument("--keep", help="keep both sweeps' --output and MLflow here (default: a temporary directory)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory() as work:
         runs = {}
         for name, scheduler in (("full", "none"), ("halving", "halving")):
-            out = Path(work) / name
-            out.mkdir()
+            out = Path(args.keep or work) / name
+            out.mkdir(parents=True)
             runs[name] = sweep(args.space, [*args.overrides, f"search.scheduler={scheduler}"], out)
     (full, full_s), (halved, halved_s) = runs["full"], runs["halving"]
     samples = {name: sum(t["metrics"].get("timings/eval_samples", 0) for t in summary["trials"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import time
 
 import torch
@@ -24,23 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import smile_ray.smile.svd as svd_module
 from smile_ray import SmileLinear, upscale
-
-
-def timed_side_by_side(fns: list, repeats: int, device: torch.device) -> list[float]:
-    """Median seconds per call of each function, calls interleaved round by round (one warm-up round), so a
-    change in the machine's speed during the run affects every function alike. On a GPU each call is timed
-    from an idle device to its last kernel's end."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    samples: list[list[float]] = [[] for _ in fns]
-    for round_ in range(repeats + 1):
-        for fn, times in zip(fns, samples):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if round_:
-                times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in samples]
+from timing import timed_side_by_side      # bench/timing.py
 
 
 def expert_loop_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ import copy
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from timing import timed_side_by_side      # bench/timing.py
 
 SHAPES = {   # config of each pool shape: (model family, config keyword arguments)
     "b32": ("clip", dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, image_size=224,
@@ -189,21 +190,6 @@ def run_child(args, impl: str, threads: int, save: Path | None) -> dict:
     if done.returncode or not lines:
         sys.exit(f"child upscale ({impl}, {threads} threads) failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
-
-
-def timed_side_by_side(fns: list, repeats: int, device: torch.device) -> list[float]:
-    """Median seconds per call of each function, calls interleaved round by round after one warm-up round."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    samples: list[list[float]] = [[] for _ in fns]
-    for round_ in range(repeats + 1):
-        for fn, times in zip(fns, samples):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if round_:
-                times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in samples]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ import copy
 import itertools
 import math
 import os
+import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -231,6 +232,12 @@ class SweepSpec:
         from ray import tune
 
         algorithm = self.search["algorithm"]
+        if self.search["scheduler"] == "halving" and algorithm == "grid":
+            # successive halving stops a trial against the scores seen before it: a grid in its written order
+            # (weak corners first, often) would let the weak through and cut the strong; a seeded shuffle mixes them
+            points = self.grid_points()
+            random.Random(self.search["seed"]).shuffle(points)
+            return {"method": tune.grid_search(points)}
         if len(self.methods) == 1:
             block = self.methods[0]
             return {"method": {k: v.tune_domain(algorithm) if isinstance(v, Sampled) else v for k, v in block.items()}}

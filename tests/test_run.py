@@ -104,6 +104,7 @@ def test_cli_writes_report_and_model(tiny_config, tmp_path, capsys):
     (["--set", "novalue"], "--set 'novalue': expected KEY.PATH=VALUE"),
     (["--set", "method.top_k=9"], "top_k"),
     (["--set", "method.colour=red"], "method.colour: unknown key"),
+    (["--set", "method.svd_solver=lanczos"], "method.svd_solver: must be one of exact, randomized"),
     (["--set", "task_pool.tasks=[digit, nope]"], "task_pool.tasks[1]: unknown task 'nope'"),
     (["--set", "task_pool.batch_size=0"], "task_pool.batch_size: must be at least 1"),
     (["--set", "method.gate_k=[4, 8]"], "method.gate_k: a grid of values, but one configuration is run here"),

@@ -208,6 +208,8 @@ BAD_INPUTS = [
     ("more_cpus_than_a_node", None, ["--set", "resources.cpu=3"],
      "resources.cpu: a trial asks for 3 CPUs, but no node of this Ray cluster has that"),
     ("tracking_server_down", None, ["--tracking-uri", "http://127.0.0.1:9"], "no server answers"),
+    ("unknown_svd_solver", None, ["--set", "method.svd_solver=lanczos"],
+     "method.svd_solver: must be one of exact, randomized"),
     ("halving_reduction_factor", None, ["--set", "search={scheduler: halving, reduction_factor: 1}"],
      "search.reduction_factor: must be ≥ 2, got 1"),
     ("halving_without_sample_slices", None, ["--set", "task_pool={kind: dummy}", "--set", "search.scheduler=halving"],
