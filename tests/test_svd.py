@@ -99,3 +99,31 @@ def test_randomized_solver_hands_over_to_the_exact_one_where_a_sketch_saves_noth
         fast, exact = truncated_svd(a, rank, solver="randomized"), truncated_svd(a, rank)
         assert torch.equal(fast.u, exact.u) and torch.equal(fast.s, exact.s)
     assert not calls
+
+
+def damage(path, how):
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:                                    # a valid file with another matrix's factors under this key
+        other = truncated_svd(torch.randn(7, 5), 4)
+        from safetensors.torch import save_file
+        save_file({"u": other.u, "s": other.s, "v": other.v, "complete": torch.tensor([False])}, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "wrong_shape"])
+def test_a_damaged_cache_entry_is_named_recomputed_and_replaced(tmp_path, how):
+    from smile_ray.smile.svd import Decomposer
+
+    matrix = decaying(40, 30)
+    decomposer = Decomposer(tmp_path)
+    fresh = decomposer.factors(matrix, 4, "k1")
+    (entry,) = [path for path in tmp_path.rglob("*.safetensors")]
+    damage(entry, how)
+    again = Decomposer(tmp_path)
+    with pytest.warns(UserWarning, match=f"SVD cache entry {entry} is damaged"):
+        recomputed = again.factors(matrix, 4, "k1")
+    assert again.stats.computed == 1 and again.stats.cache_hits == 0
+    assert torch.equal(recomputed.u, fresh.u) and torch.equal(recomputed.v, fresh.v)
+    assert SvdCache(tmp_path).get("k1", 4, (40, 30)) is not None          # replaced by a good entry

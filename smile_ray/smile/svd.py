@@ -21,6 +21,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -196,23 +197,48 @@ class SvdCache:
         """Key of one decomposition: layer name, W0 and Wᵢ contents, and what was decomposed ('diff' or 'weight')."""
         return xxhash.xxh3_128(f"{layer}\0{base_digest}\0{expert_digest}\0{what}".encode()).hexdigest()
 
-    def get(self, key: str, rank: int) -> Factors | None:
-        """Cached factors truncated to `rank`, or None when absent or cached at a smaller rank."""
-        path = self._path(key)
+    def get(self, key: str, rank: int, shape: tuple[int, int] | None = None) -> Factors | None:
+        """Cached factors truncated to `rank`, or None when absent or cached at a smaller rank. A damaged entry (a
+        truncated or empty file, missing tensors, or factors that do not fit `shape`, the decomposed matrix's) is
+        None too, with a warning naming the file: the caller recomputes it and `put` replaces it."""
         try:
-            tensors = load_file(path)
-        except (FileNotFoundError, OSError, ValueError):
+            factors = self._read(key, shape)
+        except DamagedEntry as damage:
+            warnings.warn(f"SVD cache entry {self._path(key)} is damaged ({damage}); recomputing it", stacklevel=3)
             return None
-        factors = Factors(tensors["u"], tensors["s"], tensors["v"], bool(tensors["complete"].item()))
-        if factors.rank < rank and not factors.complete:
+        if factors is None or (factors.rank < rank and not factors.complete):
             return None
         return factors.truncate(rank)
 
-    def put(self, key: str, factors: Factors) -> None:
-        """Store factors atomically, unless an entry of at least this rank is already there."""
+    def _read(self, key: str, shape: tuple[int, int] | None) -> Factors | None:
+        """The entry's factors (None: no entry); DamagedEntry when the file cannot be read or does not fit."""
         path = self._path(key)
-        if self.get(key, factors.rank) is not None:       # another process may have stored it meanwhile
-            return
+        try:
+            tensors = load_file(path)
+        except FileNotFoundError:
+            return None
+        except Exception as error:                      # safetensors' own error for a truncated or empty file
+            raise DamagedEntry(f"unreadable: {error}") from error
+        if {"u", "s", "v", "complete"} - tensors.keys():
+            raise DamagedEntry(f"holds {sorted(tensors)}, not u, s, v and complete")
+        u, s, v = tensors["u"], tensors["s"], tensors["v"]
+        if u.dim() != 2 or v.dim() != 2 or s.dim() != 1 or not u.shape[1] == v.shape[1] == s.shape[0]:
+            shapes = ", ".join(str(list(t.shape)) for t in (u, s, v))
+            raise DamagedEntry(f"factors of shapes {shapes} do not fit together")
+        if shape is not None and (u.shape[0], v.shape[0]) != tuple(shape):
+            raise DamagedEntry(f"factors of a {u.shape[0]} × {v.shape[0]} matrix, not {shape[0]} × {shape[1]}")
+        return Factors(u, s, v, bool(tensors["complete"].item()))
+
+    def put(self, key: str, factors: Factors) -> None:
+        """Store factors atomically, unless an entry of at least this rank is already there (a damaged one is
+        replaced)."""
+        path = self._path(key)
+        try:
+            present = self._read(key, (factors.u.shape[0], factors.v.shape[0]))
+        except DamagedEntry:
+            present = None
+        if present is not None and (present.rank >= factors.rank or present.complete):
+            return                                      # another process may have stored it meanwhile
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
@@ -224,6 +250,10 @@ class SvdCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+class DamagedEntry(Exception):
+    """An SVD cache file that cannot be read, or whose factors do not fit its matrix."""
 
 
 class Decomposer:
@@ -250,7 +280,7 @@ class Decomposer:
     def factors(self, matrix: torch.Tensor, rank: int, key: str) -> Factors:
         """Top-`rank` factors of `matrix`, through the cache (if any) under `key` (see SvdCache.key)."""
         if self.cache is not None:
-            cached = self.cache.get(key, rank)
+            cached = self.cache.get(key, rank, tuple(matrix.shape))
             if cached is not None:
                 self.stats.add(hits=1)
                 return cached
