@@ -26,12 +26,12 @@ from smile_ray.report import average_metrics, build_report, task_names
 from smile_ray.smile import SvdCache, parameter_report
 from smile_ray.smile.weights import as_weights
 from smile_ray.smile.checkpoint import save_model
-from smile_ray.smile.routing import RoutingRecorder, own_expert_share
+from smile_ray.smile.routing import RoutingRecorder, own_expert_share, shares
 from smile_ray.spec import checked_pools
 from smile_ray.tasks.evaluation import BOOKKEEPING, default_device, merge_sample_means
 
 TaskDone = Callable[[str, dict, dict], None]
-RungDone = Callable[[int, int, dict], None]
+RungDone = Callable[[int, int, dict, dict], None]
 
 
 @dataclass
@@ -87,7 +87,8 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
     on_task_done(task, metrics, running): called after each task with the running results.
     save_model_dir: also write the merged model there (safetensors, loads back with checkpoint.load_model).
     halving: (min_samples, reduction_factor): evaluate in rungs (`rung_sizes`), every task's next samples per rung,
-      calling on_rung(rung, samples per task, running results) after each (the pool must have sample_slices).
+      calling on_rung(rung, samples per task, running results, task → samples evaluated) after each rung but the
+      last (the pool must have sample_slices).
     """
     device = torch.device(device) if device is not None else default_device()
     method_section = _section(config, "method")
@@ -108,21 +109,22 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
     del experts
 
     recorder = RoutingRecorder(merged)
-    routing: dict[str, dict[str, list[float]]] = {}
-    evaluated: dict[str, int] = {}                  # task → samples evaluated
+    routed: dict[str, dict[str, torch.Tensor]] = {}        # task → layer → tokens whose first choice was each expert
+    evaluated: dict[str, int] = {}                          # task → samples evaluated
 
-    def count_samples(task: str, samples: int) -> None:       # and the routing shares over all of them so far
-        before = evaluated.get(task, 0)
-        evaluated[task] = before + samples
-        if recorder.layers:
-            shares = recorder.take()
-            routing[task] = {layer: [(old * before + new * samples) / (before + samples)
-                                     for old, new in zip(routing.get(task, {}).get(layer, [0.0] * len(share)), share)]
-                             for layer, share in shares.items()}
+    def count_samples(task: str, samples: int) -> None:      # and the task's routing counts since the last call
+        evaluated[task] = evaluated.get(task, 0) + samples
+        into = routed.setdefault(task, {})
+        for layer, counts in recorder.take_counts().items():
+            into[layer] = into[layer] + counts if layer in into else counts
 
     def with_average(running: dict) -> dict:
         done = {name: running[name] for name in task_names(running)}
         return {**done, "average": average_metrics(done, pools.primary)}
+
+    def rung_done(rung: int, size: int, running: dict) -> None:
+        if on_rung is not None:
+            on_rung(rung, size, running, dict(evaluated))
 
     def task_done(task: str, metrics: dict, running: dict) -> None:        # the running average, with its score
         count_samples(task, metrics["samples"])
@@ -134,7 +136,7 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
         if halving is None:
             results = pools.tasks.evaluate(merged, on_task_done=task_done)
         else:
-            results = _evaluate_in_rungs(pools.tasks, merged, halving, count_samples, with_average, on_rung)
+            results = _evaluate_in_rungs(pools.tasks, merged, halving, count_samples, with_average, rung_done)
     eval_seconds = time.perf_counter() - start
 
     counts = parameter_report(merged, as_weights(base).parameter_count())
@@ -145,6 +147,8 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
                   "svd_cache_hits": info.svd_cache_hits if info else 0}
     report = build_report(results, model=merged, name=method.name, model_info=model_info, timings=timings,
                           primary=pools.primary)
+    routing = {task: {layer: shares(counts) for layer, counts in layers.items()} for task, layers in routed.items()
+               if layers}
     if routing:                                  # SMILE: where each task's tokens went, and how many to its own expert
         own = own_expert_share(routing, pools.models.expert_names)
         report["routing"] = {"experts": list(pools.models.expert_names), "tasks": routing,
@@ -156,7 +160,8 @@ def run_trial(config: Mapping[str, Any], *, pools: Pools | None = None, svd_cach
 
 
 def _evaluate_in_rungs(tasks, model, halving: tuple[int, int], count_samples: Callable[[str, int], None],
-                       with_average: Callable[[dict], dict], on_rung: RungDone | None) -> dict[str, Any]:
+                       with_average: Callable[[dict], dict], on_rung: Callable[[int, int, dict], None]
+                       ) -> dict[str, Any]:
     """run_trial's evaluation with `halving`: rung by rung, each task's next slice of samples, merged with what came
     before (metrics are sample means), on_rung(rung, samples per task, running results) after each rung but the
     last (whose results are the trial's report: nothing is left to stop)."""
@@ -166,15 +171,13 @@ def _evaluate_in_rungs(tasks, model, halving: tuple[int, int], count_samples: Ca
         totals[task] = merge_sample_means(totals.get(task), metrics)
         count_samples(task, metrics["samples"])
 
-    start = 0
+    start, running = 0, {}
     sizes = rung_sizes(*halving, max(tasks.sample_counts().values()))
     for rung, stop in enumerate(sizes, 1):
         tasks.evaluate(model, on_task_done=slice_done, rows=slice(start, stop))
-        if on_rung is not None and rung < len(sizes):
-            on_rung(rung, stop, with_average({task: _metrics(m) for task, m in totals.items()}))
+        running = with_average({task: {key: value for key, value in merged.items() if key not in BOOKKEEPING}
+                                for task, merged in totals.items()})
+        if rung < len(sizes):
+            on_rung(rung, stop, running)
         start = stop
-    return with_average({task: _metrics(m) for task, m in totals.items()})
-
-
-def _metrics(merged: dict[str, float]) -> dict[str, float]:
-    return {key: value for key, value in merged.items() if key not in BOOKKEEPING}
+    return running

@@ -56,7 +56,7 @@ def test_a_trial_in_rungs_scores_exactly_what_a_full_evaluation_does(tiny_config
     config = {**tiny_config, "method": {"name": "smile", "gate_k": 2, "k": 4}}
     full = run_trial(config)
     rungs = []
-    halved = run_trial(config, halving=(4, 2), on_rung=lambda rung, samples, running: rungs.append(
+    halved = run_trial(config, halving=(4, 2), on_rung=lambda rung, samples, running, evaluated: rungs.append(
         (rung, samples, running["average"]["accuracy"])))
     counts = [samples for _, samples, _ in rungs]
     assert [rung for rung, _, _ in rungs] == list(range(1, len(rungs) + 1))

@@ -35,12 +35,21 @@ class RoutingRecorder:
 
     def take(self) -> dict[str, list[float]]:
         """layer → share of the tokens since the last take whose first choice was each expert; counts reset."""
-        shares = {}
+        return {name: shares(counts) for name, counts in self.take_counts().items()}
+
+    def take_counts(self) -> dict[str, torch.Tensor]:
+        """layer → tokens since the last take whose first choice was each expert (on the CPU); counts reset."""
+        counts = {}
         for name, layer in self.layers.items():
-            counts = layer.routing_counts.double()
-            shares[name] = (counts / counts.sum().clamp_min(1)).tolist()
+            counts[name] = layer.routing_counts.cpu().clone()
             layer.routing_counts.zero_()
-        return shares
+        return counts
+
+
+def shares(counts: torch.Tensor) -> list[float]:
+    """Counts per expert as shares of their sum (all zero when nothing was counted)."""
+    counts = counts.double()
+    return (counts / counts.sum().clamp_min(1)).tolist()
 
 
 def own_expert_share(routing: Mapping[str, Mapping[str, Sequence[float]]], experts: Sequence[str]) -> dict[str, float]:

@@ -96,11 +96,10 @@ def smile_trial(config: dict[str, Any], *, pools, svd_cache: str, reports_dir: s
             metrics.eval_throughput(task_metrics["samples"] / max(task_metrics["seconds"], 1e-9), trial=trial_id)
             tune.report({**flatten_metrics(running), "tasks_done": len(running) - 1})
 
-        def rung_done(rung: int, samples: int, running: dict) -> None:
-            counts = {task: min(samples, count) for task, count in pools.tasks.sample_counts().items()}
+        def rung_done(rung: int, samples: int, running: dict, evaluated: dict) -> None:
             tune.report({**flatten_metrics(running), "rung": rung, "samples_per_task": samples,
-                         "score_stderr": score_stderr(running, pools.primary, counts),
-                         "timings/eval_samples": sum(counts.values())})
+                         "score_stderr": score_stderr(running, pools.primary, evaluated),
+                         "timings/eval_samples": sum(evaluated.values())})
 
         model_dir = None if models_dir is None else Path(models_dir) / trial_id
         if model_dir is not None:
