@@ -7,6 +7,15 @@ import re
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+_CREDENTIALS = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user and password of every URI in it left out (https://user:token@host/ → https://host/),
+    for messages and logs."""
+    return _CREDENTIALS.sub(r"\1", text)
+
+
 class SmileError(ValueError):
     """A user mistake, described in one line that names the field, file or layer at fault."""
 
@@ -21,9 +30,9 @@ def last_line(text: str) -> str:
 def user_message(error: BaseException) -> str:
     """One line for the user. An error raised inside a Ray task or actor is shown as the error it raised there (Ray
     wraps it with the remote traceback); a message that holds a traceback (Tune's) by its last line; any other by its
-    first (SQLAlchemy's second line is only a link). No colour codes."""
+    first (SQLAlchemy's second line is only a link). No colour codes, no credentials."""
     cause = getattr(error, "cause", None)                      # ray.exceptions.RayTaskError / RayActorError
-    text = ANSI_ESCAPE.sub("", str(cause if isinstance(cause, BaseException) else error))
+    text = without_credentials(ANSI_ESCAPE.sub("", str(cause if isinstance(cause, BaseException) else error)))
     if "Traceback (most recent call last)" in text:
         return last_line(text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]

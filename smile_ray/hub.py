@@ -22,7 +22,7 @@ import huggingface_hub
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from smile_ray.errors import SmileError
+from smile_ray.errors import SmileError, without_credentials
 
 T = TypeVar("T")
 HubState = Literal["ok", "missing", "unreachable", "offline"]
@@ -148,13 +148,12 @@ def _in_local_cache(repo_id: str, repo_type: str, revision: str | None) -> bool:
     return True
 
 
-def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
-    """An http(s) tracking URI has a server that answers within `timeout` seconds (MLflow's client would retry for
-    minutes first). Any answer counts: an error status, a certificate this probe does not check (MLflow verifies
-    with its own settings), a proxy's page. Only a refused connection, an unknown host or a timeout is refused.
-    Other URIs are not probed."""
+def server_unreachable(tracking_uri: str, timeout: float = 10.0) -> str | None:
+    """Why an http(s) tracking URI's server does not answer within `timeout` seconds ("connection refused", "unknown
+    host", …), or None when it answers. Any answer counts: an error status, a certificate this probe does not check
+    (MLflow verifies with its own settings), a proxy's page. Other URIs are not probed (None)."""
     if not tracking_uri.startswith(("http://", "https://")):
-        return
+        return None
     import requests
     import urllib3
 
@@ -163,13 +162,19 @@ def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
             requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout, verify=False).close()
     except requests.exceptions.SSLError:
-        return                                            # it answered, in TLS
+        return None                                       # it answered, in TLS
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
         text = str(error)
-        reason = (f"no answer within {timeout:g} s" if isinstance(error, requests.exceptions.Timeout)
-                  else "connection refused" if "refused" in text
-                  else "unknown host" if "resolve" in text or "Name or service" in text else "cannot connect")
-        parts = urllib.parse.urlsplit(tracking_uri)
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()       # no credentials in the message
-        raise SmileError(f"MLflow tracking URI {shown}: no server answers ({reason}); start one (mlflow server) "
-                         f"or choose another --tracking-uri") from None
+        return (f"no answer within {timeout:g} s" if isinstance(error, requests.exceptions.Timeout)
+                else "connection refused" if "refused" in text
+                else "unknown host" if "resolve" in text or "Name or service" in text else "cannot connect")
+    return None
+
+
+def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    """Refuse (SmileError) an http(s) tracking URI whose server does not answer (`server_unreachable`): MLflow's
+    client would retry for minutes first."""
+    reason = server_unreachable(tracking_uri, timeout)
+    if reason is not None:
+        raise SmileError(f"MLflow tracking URI {without_credentials(tracking_uri)}: no server answers ({reason}); "
+                         f"start one (mlflow server) or choose another --tracking-uri")

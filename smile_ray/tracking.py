@@ -6,6 +6,9 @@ Layout: one parent run per sweep (the space as `space.yaml`, best-trial metrics,
 `training_iteration`; `report.json` and the `per_task.json` table at the end). Trial processes never talk to MLflow,
 so a sqlite store is safe and multi-node sweeps need no tracking server reachable from the workers.
 
+Every write goes through `smile_ray.outbox.TrackingWriter`: while an http(s) tracking server does not answer, the
+writes are held on disk in `outbox` and delivered, in order and once, when it answers again.
+
 Resume: `get_state`/`set_state` keep the parent run, the trial → child run map and the finished trials, so after
 `Tuner.restore` the parent is reused and a finished trial never gets a second child. The child map is also looked up
 in MLflow (tag `trial_id` under the parent), which covers trials started after Tune's last state snapshot.
@@ -28,8 +31,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from ray import tune
 
-from smile_ray.errors import SmileError, last_line
+from smile_ray.errors import SmileError, last_line, without_credentials
 from smile_ray.metrics import SweepMetrics
+from smile_ray.outbox import TrackingWriter
 from smile_ray.mlflow_runs import (EXPERIMENT_KIND_TAG, MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_TAG_LENGTH,
                                    MODEL_TRAINING, SweepRuns, absolute_sqlite_uri, children_of,
                                    default_artifact_location, flatten_config, git_commit, metric_key, number,
@@ -62,7 +66,8 @@ class MlflowSweepCallback(tune.Callback):
     def __init__(self, tracking_uri: str, experiment: str, *, space_name: str, space: Mapping[str, Any],
                  metric: str = "average/accuracy", mode: str = "max", tags: Mapping[str, str] | None = None,
                  artifact_location: str | None = None, sweep_id: str | None = None, strict: bool = False,
-                 replace: bool = False, primary: Mapping[str, str] | None = None) -> None:
+                 replace: bool = False, primary: Mapping[str, str] | None = None,
+                 outbox: str | os.PathLike | None = None) -> None:
         if mode not in ("max", "min"):
             raise SmileError(f"mode: expected 'max' or 'min', got {mode!r}")
         if sweep_id is not None and re.search(r"['\"`\\]", sweep_id):
@@ -79,18 +84,22 @@ class MlflowSweepCallback(tune.Callback):
         self.strict = strict
         self.replace = replace                        # delete earlier runs of this sweep_id (--overwrite)
         self.primary = dict(primary or {})            # task → its score's metric, for the per-task plot of a score
+        self.outbox = None if outbox is None else str(outbox)     # where writes wait for a server that is away
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.run_ids: dict[str, str] = {}
         self.finished: set[str] = set()             # trials whose child run is complete (report logged)
         self.ended: set[str] = set()                # trials Tune completed or failed (not those a Ctrl-C stopped)
         self.resumed = False
+        self.recoveries: dict[str, int] = {}          # trial → attempts Tune retried (FailureConfig.max_failures)
+        self.errors: dict[str, str] = {}              # trial → the error line its child run is tagged with
         self.total_trials: int | None = None          # how many trials the search will create (Tune tells setup)
         self._client: MlflowClient | None = None
+        self._writer: TrackingWriter | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_client"] = None                        # Tune pickles callbacks into tuner.pkl
+        state["_client"] = state["_writer"] = None     # Tune pickles callbacks into tuner.pkl
         return state
 
     @property
@@ -100,18 +109,27 @@ class MlflowSweepCallback(tune.Callback):
         return self._client
 
     @property
+    def writer(self) -> TrackingWriter:
+        """Where the callback's writes go (reads use `client`)."""
+        if self._writer is None:
+            self._writer = TrackingWriter(self.tracking_uri, getattr(self, "outbox", None))
+        return self._writer
+
+    @property
     def sweep(self) -> SweepRuns | None:
         """The sweep's MLflow ids, once `setup` ran."""
         if self.experiment_id is None or self.parent_run_id is None:
             return None
-        return SweepRuns(self.experiment_id, self.parent_run_id, dict(self.run_ids))
+        return SweepRuns(self.experiment_id, self.parent_run_id,
+                         {trial: self.writer.resolve(run) for trial, run in self.run_ids.items()})
 
     # -- state -----------------------------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
         return {"version": 1, "sweep_id": self.sweep_id, "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
-                "finished": sorted(self.finished), "ended": sorted(self.ended)}
+                "finished": sorted(self.finished), "ended": sorted(self.ended),
+                "recoveries": dict(self.recoveries), "errors": dict(self.errors)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.sweep_id = state.get("sweep_id", self.sweep_id)
@@ -120,14 +138,18 @@ class MlflowSweepCallback(tune.Callback):
         self.run_ids = dict(state.get("run_ids", {}))
         self.finished = set(state.get("finished", ()))
         self.ended = set(state.get("ended", self.finished))
+        self.recoveries = dict(state.get("recoveries", {}))
+        self.errors = dict(state.get("errors", {}))
         self.resumed = self.parent_run_id is not None
 
     # -- experiment ------------------------------------------------------------------------------------------------
 
     def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
               **info: Any) -> None:
-        """Get or create the experiment; create the parent run, or reopen it after a restore."""
+        """Get or create the experiment; create the parent run, or reopen it after a restore (first delivering what
+        an earlier run of the sweep held for the server)."""
         self.total_trials = total_num_samples
+        self.writer.deliver()
         if self.parent_run_id is not None and self._reopen_parent():
             return
         self.experiment_id = self._experiment_id()
@@ -142,7 +164,7 @@ class MlflowSweepCallback(tune.Callback):
         run = self.client.create_run(self.experiment_id, run_name=f"sweep {self.space_name}", tags=tags)
         self.parent_run_id = run.info.run_id
         self.run_ids, self.finished, self.ended, self.resumed = {}, set(), set(), False
-        self.client.log_dict(self.parent_run_id, plain(self.space), "space.yaml")
+        self.writer.log_dict(self.parent_run_id, plain(self.space), "space.yaml")
 
     def _experiment_id(self) -> str:
         """The experiment, created if needed, marked as model training so that the MLflow UI opens on its runs
@@ -174,7 +196,7 @@ class MlflowSweepCallback(tune.Callback):
             logger.warning("MLflow parent run %s is gone; starting a new one", self.parent_run_id)
             return False
         self.experiment_id = parent.info.experiment_id
-        self.client.update_run(self.parent_run_id, status="RUNNING")
+        self.writer.update_run(self.parent_run_id, status="RUNNING")
         resumes = int(parent.data.tags.get("smile_ray.resumes", "0")) + 1
         tags = {"smile_ray.resumes": str(resumes)}
         job = ray_job_id()
@@ -203,6 +225,9 @@ class MlflowSweepCallback(tune.Callback):
         self.ended.add(str(trial.trial_id))
         self._guard(f"trial {trial.trial_id} error", self._fail, trial)
 
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._guard("held records", self.writer.deliver_if_due)
+
     def _guard(self, what: str, hook: Callable[..., Any], *args: Any) -> None:
         """Run `hook`; unless strict, an MLflow or I/O error becomes a one-line warning."""
         if self.strict:
@@ -211,17 +236,17 @@ class MlflowSweepCallback(tune.Callback):
         try:
             hook(*args)
         except (MlflowException, OSError, ValueError) as error:
-            logger.warning("MLflow tracking (%s) failed: %s", what, last_line(str(error)))
+            logger.warning("MLflow tracking (%s) failed: %s", what, without_credentials(last_line(str(error))))
 
     def _open_child(self, trial: Any) -> str:
         """The trial's child run, created on first sight, else reopened (RUNNING)."""
         trial_id = str(trial.trial_id)
         run_id = self.run_ids.get(trial_id)
-        if run_id is None and self.resumed:
+        if run_id is None and self.resumed and not self.writer.held:   # held: the delivery finds an existing child
             run_id = children_of(self.client, self.experiment_id, self.parent_run_id, trial_id).get(trial_id)
         if run_id is not None:
             self.run_ids[trial_id] = run_id
-            self._reopen(run_id)
+            self._reopen(trial_id, run_id)
             return run_id
         config = dict(trial.config or {})
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial_id, "trial_name": str(trial),
@@ -230,7 +255,7 @@ class MlflowSweepCallback(tune.Callback):
         if isinstance(method, Mapping) and "name" in method:
             tags["smile_ray.method"] = str(method["name"])
         name = run_name(config, trial_id)
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        run_id = self.writer.create_run(self.experiment_id, run_name=name, tags=tags)
         self.run_ids[trial_id] = run_id
         params = {}
         for key, value in flatten_config(config).items():
@@ -239,22 +264,22 @@ class MlflowSweepCallback(tune.Callback):
                 params[valid] = param_value(value)
         items = [Param(key, value) for key, value in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
-        self.client.log_dict(run_id, plain(config), "config.yaml")
+            self.writer.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+        self.writer.log_dict(run_id, plain(config), "config.yaml")
         return run_id
 
-    def _reopen(self, run_id: str) -> None:
+    def _reopen(self, trial_id: str, run_id: str) -> None:
         """Back to RUNNING; an error from an earlier attempt moves to `smile_ray.previous_error`."""
-        error = self.client.get_run(run_id).data.tags.get("smile_ray.error")
+        error = self.errors.pop(trial_id, None)
         if error is not None:
             self._set_tags(run_id, {"smile_ray.previous_error": error})
-            self.client.delete_tag(run_id, "smile_ray.error")
-        self.client.update_run(run_id, status="RUNNING")
+            self.writer.delete_tag(run_id, "smile_ray.error")
+        self.writer.update_run(run_id, status="RUNNING")
 
     def _recover(self, trial: Any) -> None:
         """A failed attempt that Tune retries (FailureConfig.max_failures): count it, keep its error line."""
         run_id = self._child(trial)
-        count = int(self.client.get_run(run_id).data.tags.get("smile_ray.recoveries", "0")) + 1
+        count = self.recoveries[str(trial.trial_id)] = self.recoveries.get(str(trial.trial_id), 0) + 1
         tags = {"smile_ray.recoveries": str(count)}
         text = _trial_error(trial)
         if text:
@@ -278,18 +303,18 @@ class MlflowSweepCallback(tune.Callback):
             if valid is not None:
                 items.append(Metric(valid, float(value), now, step))
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
+            self.writer.log_batch(run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
 
     def _complete(self, trial: Any) -> None:
         trial_id = str(trial.trial_id)
         run_id = self._child(trial)
         report = (trial.last_result or {}).get("report")
         if isinstance(report, Mapping):
-            self.client.log_dict(run_id, plain(report), "report.json")
+            self.writer.log_dict(run_id, plain(report), "report.json")
             tasks = task_names(report)
             if tasks and trial_id not in self.finished:       # log_table appends: only once per run
                 metrics = list(dict.fromkeys(metric for task in tasks for metric in report[task]))
-                self.client.log_table(run_id, data={
+                self.writer.log_table(run_id, data={
                     "task": tasks, **{metric: [number(report[task].get(metric)) for task in tasks]
                                       for metric in metrics}}, artifact_file="per_task.json")
             if isinstance(report.get("routing"), Mapping) and trial_id not in self.finished:
@@ -299,30 +324,31 @@ class MlflowSweepCallback(tune.Callback):
                                        if report.get("saved_model") else {})})
         else:
             self._set_tags(run_id, {"smile_ray.stopped_early": "true"})
-        self.client.set_terminated(run_id, status="FINISHED")
+        self.writer.set_terminated(run_id, status="FINISHED")
         self.finished.add(trial_id)
 
     def _log_routing(self, run_id: str, routing: Mapping[str, Any]) -> None:
         """A SMILE trial's routing: a table (task, layer, expert, share) to compare across runs, and its plot."""
         rows = [(task, layer, expert, share) for task, layers in routing["tasks"].items()
                 for layer, shares in layers.items() for expert, share in zip(routing["experts"], shares)]
-        self.client.log_table(run_id, data={key: [row[i] for row in rows] for i, key in
+        self.writer.log_table(run_id, data={key: [row[i] for row in rows] for i, key in
                                             enumerate(("task", "layer", "expert", "share"))},
                               artifact_file="routing.json")
         figure = plot_routing(routing)
-        self.client.log_figure(run_id, figure, "routing.png")
+        self.writer.log_figure(run_id, figure, "routing.png")
         figure.clear()
 
     def _fail(self, trial: Any) -> None:
         run_id = self._child(trial)
         text = _trial_error(trial)
         if text:
-            self._set_tags(run_id, {"smile_ray.error": last_line(text)[:MAX_TAG_LENGTH]})
-            self.client.log_text(run_id, text, "error.txt")
-        self.client.set_terminated(run_id, status="FAILED")
+            self.errors[str(trial.trial_id)] = last_line(text)[:MAX_TAG_LENGTH]
+            self._set_tags(run_id, {"smile_ray.error": self.errors[str(trial.trial_id)]})
+            self.writer.log_text(run_id, text, "error.txt")
+        self.writer.set_terminated(run_id, status="FAILED")
 
     def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
+        self.writer.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
 
     # -- end -------------------------------------------------------------------------------------------------------
 
@@ -341,7 +367,7 @@ class MlflowSweepCallback(tune.Callback):
         unfinished = [t for t in trials if t not in ended]
         for trial in unfinished:
             if str(trial.trial_id) in self.run_ids:
-                self._guard(f"trial {trial.trial_id} end", self.client.set_terminated,
+                self._guard(f"trial {trial.trial_id} end", self.writer.set_terminated,
                             self.run_ids[str(trial.trial_id)], "KILLED")
         if unfinished or len(trials) < (self.total_trials or 0):
             status = "KILLED"
@@ -349,7 +375,13 @@ class MlflowSweepCallback(tune.Callback):
             status = "FAILED"
         else:
             status = "FINISHED"
-        self._guard("parent end", self.client.set_terminated, self.parent_run_id, status)
+        self._guard("parent end", self.writer.set_terminated, self.parent_run_id, status)
+        self._guard("held records", self._deliver_held)
+
+    def _deliver_held(self) -> None:
+        if not self.writer.deliver():
+            logger.warning("MLflow tracking server %s did not answer: %d records held in %s",
+                           without_credentials(self.tracking_uri), self.writer.held, self.outbox)
 
     def _log_best(self, points: list[dict[str, Any]], done: int) -> None:
         best = best_point(points, self.metric, self.mode)
@@ -357,18 +389,19 @@ class MlflowSweepCallback(tune.Callback):
             return
         self.log_metrics(self.parent_run_id, {f"best/{key}": value for key, value in best["metrics"].items()},
                          step=done)
-        tags = {"best.trial_id": best["trial_id"], "best.run_id": self.run_ids.get(best["trial_id"], "")}
+        tags = {"best.trial_id": best["trial_id"],
+                "best.run_id": self.writer.resolve(self.run_ids.get(best["trial_id"], ""))}
         tags.update({f"best.{key}": param_value(value) for key, value in best["config"].items()
                      if metric_key(f"best.{key}") is not None})
         self._set_tags(self.parent_run_id, tags)
-        self.client.log_dict(self.parent_run_id, {"trial_id": best["trial_id"], "run_id": tags["best.run_id"],
+        self.writer.log_dict(self.parent_run_id, {"trial_id": best["trial_id"], "run_id": tags["best.run_id"],
                                                   "metric": self.metric, "mode": self.mode,
                                                   "value": best["metrics"][self.metric],
                                                   "config": plain(best["config"])}, "best_config.json")
 
     def _log_plots(self, points: list[dict[str, Any]]) -> None:
         for path, figure in sweep_figures(points, self.metric, self.mode, getattr(self, "primary", None)).items():
-            self.client.log_figure(self.parent_run_id, figure, path)
+            self.writer.log_figure(self.parent_run_id, figure, path)
             figure.clear()
 
 

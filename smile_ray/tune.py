@@ -10,7 +10,8 @@ One sweep, in order: validate the space (before Ray starts); check that every mo
 found; fill the SVD cache of the model pool once, for the largest rank in the space, in parallel Ray
 tasks; run the trials (each reports after every task, so ASHA can stop weak ones); write summary.json.
 Exit status: 0 done (failed trials are listed in the summary), 2 invalid input, 1 the sweep could not run or
-was interrupted (Ctrl-C: `--resume` continues it).
+was interrupted (Ctrl-C: `--resume` continues it), 3 done, but the MLflow tracking server stopped answering and
+did not come back: what it did not take is held in --output (`python -m smile_ray.sync --output DIR` delivers it).
 """
 from __future__ import annotations
 
@@ -21,11 +22,16 @@ import sys
 from pathlib import Path
 
 from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, describe_resources, keep_local_ray_on_loopback
-from smile_ray.errors import SmileError, user_message
+from smile_ray.errors import SmileError, user_message, without_credentials
 from smile_ray.spec import SweepSpec, load_space
 from smile_ray.sweep.driver import run_sweep
-from smile_ray.sweep.record import EXPERIMENT_DIR, SUMMARY_FILE, SweepOptions, resume_space
+from smile_ray.sweep.record import EXPERIMENT_DIR, HELD_EXIT, OUTBOX_DIR, SUMMARY_FILE, SweepOptions, resume_space
 from smile_ray.sweep.summary import ranked_table
+
+# The driver's MLflow client gives up on a server that does not answer after seconds, not MLflow's 4 minutes of
+# retries (which would hold up Tune's event loop): the callback then holds its writes on disk (smile_ray.outbox).
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 DEFAULT_SPACE = "embedded"
 
@@ -102,7 +108,7 @@ def mlflow_hint(tracking_uri: str, experiment: str) -> str:
     """How to open the sweep in the MLflow UI, as a command that works when pasted (this environment's mlflow,
     which a venv need not have put on PATH)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow: {tracking_uri}  (experiment {experiment})"
+        return f"MLflow: {without_credentials(tracking_uri)}  (experiment {experiment})"
     beside = Path(sys.executable).parent / "mlflow"
     command = shlex.quote(str(beside)) if beside.is_file() else f"{shlex.quote(sys.executable)} -m mlflow"
     return (f"MLflow: {command} ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000  "
@@ -112,6 +118,8 @@ def mlflow_hint(tracking_uri: str, experiment: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")          # Tune's table reporter, with our columns
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     if args.address is None:
         keep_local_ray_on_loopback()                           # before anything imports ray
     output = None
@@ -145,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum(t["status"] == "error" for t in summary["trials"])
     print(f"\n{len(summary['trials'])} trials ({failed} failed); summary: {options.output / SUMMARY_FILE}")
     print(mlflow_hint(options.tracking_uri, options.experiment))
+    held = summary["mlflow"]["held_records"]
+    if held:
+        print(f"error: the MLflow tracking server {without_credentials(options.tracking_uri)} did not answer: {held} "
+              f"records are held in {options.output / OUTBOX_DIR}; deliver them with: python -m smile_ray.sync "
+              f"--output {options.output}", file=sys.stderr)
+        return HELD_EXIT
     return 0
 
 

@@ -389,7 +389,7 @@ def test_tracking_errors_are_warnings_unless_strict(tracking_uri, caplog, monkey
     def refuse(*args, **kwargs):
         raise MlflowException("database is locked")
 
-    monkeypatch.setattr(cb.client, "log_batch", refuse)
+    monkeypatch.setattr(cb.writer.client, "log_batch", refuse)
     with caplog.at_level(logging.WARNING, logger="smile_ray.tracking"):
         run_fake(cb, FakeTrial("t", smile(1, 4)))
     assert "database is locked" in caplog.text

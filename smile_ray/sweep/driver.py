@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S
+from smile_ray.errors import without_credentials
 from smile_ray.files import write_json
 from smile_ray.sources import check_pools
 from smile_ray.spec import SweepSpec
-from smile_ray.sweep.record import (EXPERIMENT_DIR, SUMMARY_FILE, SVD_CACHE_DIR, SWEEP_FILE, SweepOptions,
+from smile_ray.sweep.record import (EXPERIMENT_DIR, OUTBOX_DIR, SUMMARY_FILE, SVD_CACHE_DIR, SWEEP_FILE, SweepOptions,
                                     check_output, clear_sweep, refuse_existing_sweep, resumable_record, sweep_record)
 from smile_ray.sweep.summary import build_summary, sweep_complete
 from smile_ray.sweep.tuner import build_tuner, without_restore_hint
@@ -83,7 +84,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     if not options.resume:
         refuse_existing_sweep(options.output, options.overwrite)
     check_pools(spec.model_pool, spec.task_pool)
-    options.tracking_uri = record.get("tracking_uri", options.tracking_uri)    # a sweep keeps the store it began with
+    if without_credentials(options.tracking_uri) != record.get("tracking_uri", options.tracking_uri):
+        options.tracking_uri = record["tracking_uri"]     # a sweep keeps the store it began with (credentials given now)
     options.experiment = record.get("experiment", options.experiment)
     check_server(options.tracking_uri)
     check_output(options.output)
@@ -111,6 +113,7 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     import ray
 
     from smile_ray.mlflow_runs import absolute_sqlite_uri, find_sweep, open_store
+    from smile_ray.outbox import TrackingWriter
 
     start = time.perf_counter()
     prefill = record.get("svd_prefill")                           # a resumed sweep's, if it had finished
@@ -132,8 +135,10 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     results = build_tuner(spec, pools, options).fit()
     if not sweep_complete(options.output / EXPERIMENT_DIR, spec.trial_count()):
         raise KeyboardInterrupt         # Tune stopped on Ctrl-C (SIGINT) and saved its state; --resume continues
-    runs = find_sweep(options.tracking_uri, options.experiment, str(options.output))
+    held = TrackingWriter(options.tracking_uri, options.output / OUTBOX_DIR).held   # what the server did not take
+    runs = None if held else find_sweep(options.tracking_uri, options.experiment, str(options.output))
     summary = build_summary(spec, results, runs, options)
+    summary["mlflow"]["held_records"] = held
     summary["svd_prefill"] = prefill
     write_json(summary, options.output / SUMMARY_FILE)
     return summary

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from smile_ray.errors import SmileError
+from smile_ray.errors import SmileError, without_credentials
 from smile_ray.files import write_json
 from smile_ray.spec import SweepSpec, apply_overrides, first_difference, parse_space
 
@@ -33,6 +33,12 @@ REPORTS_DIR = "reports"
 
 
 MODELS_DIR = "models"                    # tracking.save_model: one checkpoint per trial, named by its trial id
+
+
+OUTBOX_DIR = "mlflow_outbox"             # MLflow writes held while the tracking server does not answer (outbox.py)
+
+
+HELD_EXIT = 3          # a sweep finished with MLflow records held in OUTBOX_DIR (the server did not come back)
 
 
 @dataclass
@@ -57,7 +63,7 @@ def read_record(output: Path) -> dict[str, Any]:
 def sweep_record(options: SweepOptions, spec: SweepSpec) -> dict[str, Any]:
     """Write sweep.json for a sweep that starts: its tracking store, experiment, space and place, which a
     `--resume` keeps; returns what it wrote."""
-    record = {"tracking_uri": options.tracking_uri, "experiment": options.experiment, "space_name": spec.name,
+    record = {"tracking_uri": without_credentials(options.tracking_uri), "experiment": options.experiment, "space_name": spec.name,
               "space": space_text(spec), "output": str(options.output)}
     write_json(record, options.output / SWEEP_FILE)
     return record
@@ -109,7 +115,7 @@ def check_output(output: Path) -> None:
         raise SmileError(f"--output {output}: not writable ({existing})")
 
 
-SWEEP_PARTS = (EXPERIMENT_DIR, REPORTS_DIR, SWEEP_FILE, SUMMARY_FILE)     # what --overwrite removes (not the cache)
+SWEEP_PARTS = (EXPERIMENT_DIR, REPORTS_DIR, SWEEP_FILE, SUMMARY_FILE, OUTBOX_DIR)   # what --overwrite removes
 
 
 def refuse_existing_sweep(output: Path, overwrite: bool) -> None:

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from smile_ray.errors import user_message
+from smile_ray.errors import user_message, without_credentials
 from smile_ray.spec import SweepSpec
 from smile_ray.sweep.record import SweepOptions
 
@@ -34,7 +34,7 @@ def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict
                        "error": None if result.error is None else user_message(result.error)[:500]})
     return {"space": spec.name, "metric": metric, "mode": mode, "trials": trials,
             "best": best_point([t for t in trials if t["status"] == "finished"], metric, mode),
-            "mlflow": {"tracking_uri": options.tracking_uri, "experiment": options.experiment,
+            "mlflow": {"tracking_uri": without_credentials(options.tracking_uri), "experiment": options.experiment,
                        "experiment_id": runs.experiment_id if runs else None,
                        "parent_run_id": runs.parent_run_id if runs else None}}
 

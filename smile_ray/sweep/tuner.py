@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from smile_ray.spec import SweepSpec
-from smile_ray.sweep.record import EXPERIMENT_DIR, MODELS_DIR, REPORTS_DIR, SVD_CACHE_DIR, SweepOptions
+from smile_ray.sweep.record import EXPERIMENT_DIR, MODELS_DIR, OUTBOX_DIR, REPORTS_DIR, SVD_CACHE_DIR, SweepOptions
 from smile_ray.sweep.workers import smile_trial
 
 
@@ -69,7 +69,8 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     tracker = MlflowSweepCallback(options.tracking_uri, options.experiment, space_name=spec.name,
                                   space=spec.document, metric=metric, mode=mode, sweep_id=str(options.output),
                                   tags={"smile_ray.output": str(options.output)}, replace=options.overwrite,
-                                  primary={task: s.primary for task, s in spec.task_pool.scores().items()})
+                                  primary={task: s.primary for task, s in spec.task_pool.scores().items()},
+                                  outbox=options.output / OUTBOX_DIR)
     return tune.Tuner(
         trainable,
         param_space=spec.param_space(),

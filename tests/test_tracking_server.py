@@ -1,0 +1,113 @@
+"""A sweep's MLflow records when the tracking server is a real `mlflow server` that goes away and comes back: the
+callback holds what the server could not take on disk and delivers it, in order and once (smile_ray.outbox)."""
+import json
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+
+from smile_ray import outbox
+from smile_ray.outbox import TrackingWriter
+from smile_ray.tune import MLFLOW_HTTP_DEFAULTS
+from tests.mlflow_server import MlflowServer
+from tests.test_tracking import FakeTrial, artifacts, fail_fake, fake_results, make_callback, run_fake, runs, smile
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def running(server, monkeypatch):
+    """The server, up at the start of the test and again at its end (a test may stop it); the driver's MLflow
+    client settings of `python -m smile_ray.tune` (a few seconds of retries)."""
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        monkeypatch.setenv(name, value)
+    yield server
+    if server.process is None:
+        server.start()
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_writes_made_while_the_server_is_away_are_delivered_once_when_it_answers(running, tmp_path, monkeypatch):
+    monkeypatch.setattr(outbox, "RETRY_SECONDS", 0.0)
+    held = tmp_path / "outbox"
+    cb = make_callback(running.uri, "server-away", outbox=held, sweep_id="away")
+    cb.setup(total_num_samples=3)
+    online, offline, failing = (FakeTrial("t1", smile(2, 4)), FakeTrial("t2", smile(4, 8)),
+                                FakeTrial("t3", smile(8, -1)))
+    run_fake(cb, online)
+    running.stop()
+    run_fake(cb, offline)                          # created, logged and completed while the server is away
+    fail_fake(cb, failing, tmp_path)
+    cb.on_step_end(iteration=0, trials=[])         # the server does not answer: nothing raises, the records wait
+    assert cb.writer.held > 0 and (held / outbox.JOURNAL).is_file()
+    assert cb.run_ids["t2"].startswith(outbox.PLACEHOLDER)
+    running.start()
+    cb.on_step_end(iteration=0, trials=[])
+    assert cb.writer.held == 0 and not (held / outbox.JOURNAL).exists()
+    cb.on_experiment_end(trials=[online, offline, failing])
+
+    client = MlflowClient(running.uri)
+    parents, children = runs(client, cb.experiment_id)
+    assert len(parents) == 1 and sorted(c.data.tags["trial_id"] for c in children) == ["t1", "t2", "t3"]
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    assert cb.sweep.run_ids == {t: c.info.run_id for t, c in by_trial.items()}     # placeholders resolved
+    for trial in (online, offline):
+        run = by_trial[trial.trial_id]
+        assert run.info.status == "FINISHED"
+        expected = sorted((r["training_iteration"], r["a/accuracy"]) for r in fake_results(trial.config, trial.trial_id)
+                          if "a/accuracy" in r)
+        assert history(client, run.info.run_id, "a/accuracy") == expected          # every result, once
+        assert {"config.yaml", "report.json", "per_task.json"} <= artifacts(client, run.info.run_id)
+        table = json.loads((client.download_artifacts(run.info.run_id, "per_task.json", str(tmp_path / trial.trial_id))
+                            and (tmp_path / trial.trial_id / "per_task.json").read_text()))
+        assert len(table["data"]) == 2                                              # tasks a and b, once
+    assert by_trial["t3"].info.status == "FAILED" and "out of memory" in by_trial["t3"].data.tags["smile_ray.error"]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["best.run_id"] in cb.sweep.run_ids.values()
+
+
+def test_a_delivery_cut_short_and_done_again_creates_no_second_run(running, tmp_path, monkeypatch):
+    """A crash between the server taking records and the delivered count being written replays them: the child
+    run is found again, metrics and tables are not doubled."""
+    monkeypatch.setattr(outbox, "RETRY_SECONDS", 0.0)
+    held = tmp_path / "outbox"
+    cb = make_callback(running.uri, "server-replay", outbox=held, sweep_id="replay")
+    cb.setup(total_num_samples=1)
+    running.stop()
+    trial = FakeTrial("r1", smile(2, 4))
+    run_fake(cb, trial)
+    copy = tmp_path / "copy"
+    shutil.copytree(held, copy)
+    running.start()
+    assert cb.writer.deliver()
+    shutil.rmtree(held)
+    shutil.copytree(copy, held)                    # as if none of the deliveries had been counted
+    assert TrackingWriter(running.uri, held).deliver()
+
+    client = MlflowClient(running.uri)
+    _, children = runs(client, cb.experiment_id)
+    assert len(children) == 1
+    run_id = children[0].info.run_id
+    assert len(history(client, run_id, "average/accuracy")) == 2          # one per result
+    client.download_artifacts(run_id, "per_task.json", str(tmp_path))
+    assert len(json.loads((tmp_path / "per_task.json").read_text())["data"]) == 2
+
+
+def test_a_write_the_server_refuses_while_it_answers_is_an_error_not_held(running, tmp_path):
+    writer = TrackingWriter(running.uri, tmp_path / "outbox")
+    with pytest.raises(Exception):
+        writer.set_terminated("0" * 32, "FINISHED")              # no such run
+    assert writer.held == 0
+
+
+def test_a_local_store_is_never_held(tmp_path):
+    writer = TrackingWriter(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "outbox")
+    assert writer.directory is None
