@@ -46,13 +46,16 @@ def ray_cluster(address: str | None) -> Iterator[str | None]:
         return
     if address is None:
         keep_local_ray_on_loopback()
-    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    auth_log.addFilter(said_by_the_dashboard_line)
+    logs = [logging.getLogger(name) for name in ("ray._private.authentication.authentication_token_setup",
+                                                 "ray._private.worker")]
+    for log in logs:
+        log.addFilter(said_by_the_dashboard_line)
     try:
         context = ray.init(address=address, dashboard_host="127.0.0.1",
                            runtime_env={"env_vars": {"RAY_AIR_NEW_OUTPUT": "0"}})
     finally:
-        auth_log.removeFilter(said_by_the_dashboard_line)
+        for log in logs:
+            log.removeFilter(said_by_the_dashboard_line)
     try:
         yield dashboard_line(context.dashboard_url)
     finally:
@@ -81,9 +84,11 @@ def stop_local_ray(grace_s: float = 5.0) -> None:
 
 
 def said_by_the_dashboard_line(record: logging.LogRecord) -> bool:
-    """Ray's log filter: leave out its "Token authentication is enabled …" warning, printed on every start of a
-    local Ray; `dashboard_line` says how to get in instead."""
-    return not record.getMessage().startswith("Token authentication is enabled")
+    """Ray's log filter: leave out its "Token authentication is enabled …" warning and its "Started a local Ray
+    instance. View the dashboard at …" line, printed on every start of a local Ray; `dashboard_line` says where the
+    dashboard is and how to get in instead."""
+    return not record.getMessage().startswith(("Token authentication is enabled", "Started a local Ray instance",
+                                               "Connected to Ray cluster"))
 
 
 def ray_command() -> str:

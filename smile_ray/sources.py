@@ -37,6 +37,8 @@ class Source:
     model_types: tuple[str, ...] = ()            # accepted config.json model_type values (empty: the base's)
     role: str = ""                               # "base", "expert" (the base's architecture and shapes), "tokenizer"
     adapter: bool = False                        # an expert may be a PEFT adapter directory for the base
+    allow_pickle: bool | None = False            # a pickle-only checkpoint: refused (False), loaded (True: the user
+                                                 # trusts it), or refused by a kind that reads safetensors only (None)
 
     @property
     def local_kind(self) -> str:
@@ -130,7 +132,8 @@ def model_type(directory: Path) -> str | None:
 
 def check_local_model(source: Source, base_type: str | None = None) -> tuple[str | None, Shapes]:
     """A local save_pretrained directory of an accepted architecture (`source.model_types`, else `base_type`) whose
-    safetensors are whole; returns its model_type and the shapes of its weights (none for a pickle checkpoint)."""
+    safetensors are whole, and not a pickle-only checkpoint unless the user allowed those; returns its model_type
+    and the shapes of its weights (none for an allowed pickle checkpoint)."""
     directory = Path(source.location)
     accepted = source.model_types or ((base_type,) if base_type else ())
     try:
@@ -139,7 +142,14 @@ def check_local_model(source: Source, base_type: str | None = None) -> tuple[str
             raise SmileError(f"{source.location!r} holds a {kind or 'model without a model_type'} model, not "
                              f"{' or '.join(accepted)}{' like the base model' if not source.model_types else ''}")
         shapes: dict[str, tuple[str, list[int]]] = {}
-        for path in weight_files(directory):
+        files = weight_files(directory)
+        if not files and not source.allow_pickle:
+            pickled = next(directory / name for name in PICKLE_FILES if (directory / name).is_file())
+            advice = ("save it as safetensors (save_pretrained), or set model_pool.allow_pickle: true if you trust "
+                      "its author" if source.allow_pickle is False
+                      else "save it as safetensors (save_pretrained): this pool reads safetensors only")
+            raise SmileError(f"{pickled} is a pickle checkpoint, which can run code when it loads: {advice}")
+        for path in files:
             shapes.update(safetensors_shapes(path))
     except SmileError as error:
         raise SmileError(f"{source.field}: {error}") from None
@@ -206,14 +216,24 @@ def common_names(base: Mapping[str, object], expert: Mapping[str, object]) -> di
     return {name: key for name, key in names.items() if key in base}
 
 
+FLOAT_DTYPES = ("F64", "F32", "BF16", "F16", "F8_E4M3", "F8_E5M2")
+
+
 def shape_mismatch(base: dict[str, tuple[str, list[int]]], expert: dict[str, tuple[str, list[int]]]) -> str | None:
-    """The first weight both hold with different shapes, described; or that they share no weight name at all."""
+    """The first weight both hold with different shapes or floating-point dtypes, described; or that they share no
+    weight name at all. (An expert stored in another dtype than the base would carry that dtype's rounding error,
+    about 1e-3 of every weight in F16, into its task vector: often as large as the fine-tuning's change.)"""
     shared = common_names(base, expert)
     if base and expert and not shared:
         return "none of its weight names is in the base model (another architecture)"
     for name, key in shared.items():
         if base[key][1] != expert[name][1]:
             return f"{name} has shape {expert[name][1]}, the base model {base[key][1]}"
+    for name, key in shared.items():
+        ours, theirs = expert[name][0], base[key][0]
+        if ours != theirs and ours in FLOAT_DTYPES and theirs in FLOAT_DTYPES:
+            return (f"{name} is stored as {ours}, the base model's as {theirs} (its task vector would carry {ours}'s "
+                    f"rounding error); save the expert in the base's dtype")
     return None
 
 

@@ -39,11 +39,45 @@ def without_weights(path, expert):
     (path / "model.safetensors").unlink()
 
 
+def with_weight(path, expert, value, layer):
+    """A copy of `expert` whose first weight named like `layer` starts with `value`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(expert, path)
+    tensors = load_file(path / "model.safetensors")
+    name = next(name for name in sorted(tensors) if layer in name)
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def resaved(path, expert, *, half: bool = False, pickled: bool = False):
+    """`expert` saved again: in float16, or as a pickle checkpoint (pytorch_model.bin, which transformers 5 no
+    longer writes)."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    model = CLIPVisionModel.from_pretrained(expert)
+    if pickled:
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    else:
+        (model.half() if half else model).save_pretrained(path)
+
+
 BAD_EXPERTS = {   # what the "bad" expert is → what the one line says
     "another_architecture": (lambda p, b: saved_bert(p), "holds a bert model, not clip or clip_vision_model"),
     "truncated_safetensors": (lambda p, b: truncated(p, b.experts["digit"]), "model.safetensors: truncated"),
     "other_shapes": (lambda p, b: narrower_clip(p, b.clip_dir), "does not fit the base model: encoder.layers.0"),
     "no_weights": (lambda p, b: without_weights(p, b.experts["digit"]), "no weights (model.safetensors"),
+    "nan_in_a_norm": (lambda p, b: with_weight(p, b.experts["digit"], float("nan"), "layer_norm"),
+                      "holds NaN or inf"),
+    "inf_in_a_linear_layer": (lambda p, b: with_weight(p, b.experts["digit"], float("inf"), "fc1.weight"),
+                              "weight encoder.layers.0.mlp.fc1.weight holds NaN or inf"),
+    "other_dtype": (lambda p, b: resaved(p, b.experts["digit"], half=True),
+                    "is stored as F16, the base model's as F32"),
+    "pickle_only": (lambda p, b: resaved(p, b.experts["digit"], pickled=True),
+                    "pytorch_model.bin is a pickle checkpoint, which can run code when it loads: save it as "
+                    "safetensors (save_pretrained), or set model_pool.allow_pickle: true"),
 }
 
 

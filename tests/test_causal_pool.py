@@ -87,7 +87,8 @@ BAD = {   # the bad expert → what the one line says
     "another_vocabulary": (wider_vocabulary, "shape [128, 64], the base model [96, 64]"),
     "missing_shard": (missing_shard, "names model-00002-of-"),
     "pickle_only": (pickle_only,
-                    "holds only a pickle checkpoint (pytorch_model.bin); causal_lm pools read safetensors"),
+                    "pytorch_model.bin is a pickle checkpoint, which can run code when it loads: save it as "
+                    "safetensors (save_pretrained): this pool reads safetensors only"),
 }
 
 

@@ -2,12 +2,16 @@
 callback holds what the server could not take on disk and delivers it, in order and once (smile_ray.outbox)."""
 import json
 import shutil
+import threading
+import time
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from smile_ray import outbox
+from smile_ray import outbox, sync, tune
 from smile_ray.outbox import TrackingWriter
+from smile_ray.sweep.record import HELD_EXIT, OUTBOX_DIR
 from smile_ray.tune import MLFLOW_HTTP_DEFAULTS
 from tests.mlflow_server import MlflowServer
 from tests.test_tracking import FakeTrial, artifacts, fail_fake, fake_results, make_callback, run_fake, runs, smile
@@ -111,3 +115,114 @@ def test_a_write_the_server_refuses_while_it_answers_is_an_error_not_held(runnin
 def test_a_local_store_is_never_held(tmp_path):
     writer = TrackingWriter(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "outbox")
     assert writer.directory is None
+
+
+# -- a real sweep: its server goes away and comes back, then goes away for good ----------------------------------------
+
+def children_by_trial(client: MlflowClient, experiment: str) -> tuple[list, dict]:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return [], {}
+    parents, children = runs(client, found.experiment_id)
+    return parents, {c.data.tags["trial_id"]: c for c in children}
+
+
+def wait_until(condition, timeout: float = 240.0) -> bool:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.3)
+    return True
+
+
+def sweep_space(path, cache, **method) -> str:
+    space = {"name": "away", "model_pool": {"kind": "embedded", "scale": "tiny", "cache_dir": str(cache)},
+             "task_pool": {"kind": "embedded", "max_samples": 100, "tasks": ["digit", "word", "parity"]},
+             "method": {"name": "smile", **method}, "search": {"max_concurrent": 1}}
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+def sweep(space: str, output, server, experiment: str, ray_session) -> int:
+    return tune.main(["--space", space, "--output", str(output), "--tracking-uri", server.uri, "--experiment",
+                      experiment, "--address", ray_session.get_runtime_context().gcs_address])
+
+
+def check_mlflow(client: MlflowClient, experiment: str, summary: dict) -> None:
+    """Every trial once in MLflow, with its metrics (one per result, none twice) and artifacts; the parent's plots
+    and best trial; summary.json's run ids are MLflow's."""
+    parents, children = children_by_trial(client, experiment)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(children) == sorted(t["trial_id"] for t in summary["trials"])
+    assert {t["trial_id"]: t["mlflow_run_id"] for t in summary["trials"]} == {
+        trial: run.info.run_id for trial, run in children.items()}
+    assert parents[0].data.tags["best.run_id"] == children[summary["best"]["trial_id"]].info.run_id
+    for trial, run in children.items():
+        assert run.info.status == "FINISHED", trial
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "average/accuracy")]
+        assert sorted(steps) == [1, 2, 3, 4], (trial, steps)     # one per task and the final report, none twice
+        assert {"config.yaml", "report.json", "per_task.json", "routing.json", "routing.png"} <= artifacts(
+            client, run.info.run_id), trial
+    assert "plots" in artifacts(client, parents[0].info.run_id)
+
+
+def test_a_sweep_goes_on_while_its_tracking_server_is_away_and_delivers_when_it_is_back(
+        server, tiny_cache, tmp_path, ray_session, capsys, monkeypatch):
+    """The server stops mid-sweep and answers again ~20 s later: the trials go on, what the callback could not send
+    is delivered while the sweep still runs, and MLflow ends up with every trial once."""
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        monkeypatch.setenv(name, value)
+    space = sweep_space(tmp_path / "space.yaml", tiny_cache, gate_k=[1, 2, 4], k=[2, 4, 8, -1], top_k=[1, 2])
+    output, client = tmp_path / "out", MlflowClient(server.uri)
+    journal = output / OUTBOX_DIR / outbox.JOURNAL
+    seen: dict[str, bool] = {}
+
+    def outage() -> None:
+        finished = lambda: any(c.info.status == "FINISHED" for c in children_by_trial(client, "back")[1].values())  # noqa: E731
+        if not wait_until(finished):
+            return
+        server.stop()
+        seen["held"] = wait_until(journal.is_file, 60)
+        time.sleep(12)                                       # with the restart, about 20 s without a server
+        server.start()
+        seen["delivered"] = wait_until(lambda: not journal.exists(), 120)
+        seen["trials left"] = len(list((output / "reports").glob("*.json"))) < 24
+
+    watcher = threading.Thread(target=outage)
+    watcher.start()
+    code = sweep(space, output, server, "back", ray_session)
+    watcher.join()
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert seen == {"held": True, "delivered": True, "trials left": True}
+    summary = json.loads((output / "summary.json").read_text())
+    assert len(summary["trials"]) == 24 and summary["mlflow"]["held_records"] == 0
+    check_mlflow(client, "back", summary)
+
+
+def test_a_sweep_whose_server_never_comes_back_ends_with_status_3_and_sync_delivers_later(
+        server, tiny_cache, tmp_path, ray_session, capsys, monkeypatch):
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        monkeypatch.setenv(name, value)
+    space = sweep_space(tmp_path / "space.yaml", tiny_cache, gate_k=[1, 2], k=[4, -1])
+    output, client = tmp_path / "out", MlflowClient(server.uri)
+    watcher = threading.Thread(target=lambda: wait_until(lambda: children_by_trial(client, "gone")[1]) and server.stop())
+    watcher.start()
+    try:
+        code = sweep(space, output, server, "gone", ray_session)
+        watcher.join()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == HELD_EXIT
+        assert lines[-1].startswith("error: the MLflow tracking server") and "smile_ray.sync --output" in lines[-1]
+        summary = json.loads((output / "summary.json").read_text())
+        assert len(summary["trials"]) == 4 and all(t["status"] == "finished" for t in summary["trials"])
+        assert summary["mlflow"]["held_records"] > 0 and summary["best"] is not None
+
+        assert sync.main(["--output", str(output)]) == HELD_EXIT                 # still away
+        assert capsys.readouterr().err.count("\n") == 1
+    finally:
+        server.start()
+    assert sync.main(["--output", str(output)]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["mlflow"]["held_records"] == 0 and not (output / OUTBOX_DIR / outbox.JOURNAL).exists()
+    check_mlflow(client, "gone", summary)

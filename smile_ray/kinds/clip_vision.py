@@ -41,8 +41,9 @@ class ClipVisionConfig(ModelPoolConfig):
     experts: dict[str, str] = field(default_factory=dict)      # name → hub id or directory, in pool order
     dtype: str = "float32"
     revision: str | None = None                   # hub revision of every hub id (directories ignore it)
+    allow_pickle: bool = False                    # load pytorch_model.bin checkpoints (pickle can run code)
 
-    keys = ("base", "experts", "dtype", "torch_dtype", "revision")
+    keys = ("base", "experts", "dtype", "torch_dtype", "revision", "allow_pickle")
 
     @classmethod
     def parse(cls, section: Section) -> ClipVisionConfig:
@@ -54,13 +55,14 @@ class ClipVisionConfig(ModelPoolConfig):
             raise SmileError(f"{section.where('base')}: expected a hub id or a directory, got ''")
         return cls(base=base, experts=checked_experts(section),
                    dtype=dtype_name(section.get(dtype_key, str, "a dtype name", "float32"), section.where(dtype_key)),
-                   revision=section.get("revision", str, "a branch, tag or commit", None))
+                   revision=section.get("revision", str, "a branch, tag or commit", None),
+                   allow_pickle=section.get("allow_pickle", bool, "true or false", False))
 
     def expert_names(self) -> list[str]:
         return list(self.experts)
 
     def sources(self) -> list[Source]:
-        common = {"revision": self.revision, "model_types": CLIP_MODEL_TYPES}
+        common = {"revision": self.revision, "model_types": CLIP_MODEL_TYPES, "allow_pickle": self.allow_pickle}
         return [Source("model_pool.base", self.base, role="base", **common),
                 *(Source(f"model_pool.experts.{name}", location, role="expert", **common)
                   for name, location in self.experts.items())]

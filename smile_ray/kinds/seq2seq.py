@@ -17,7 +17,8 @@ class Seq2SeqConfig(TransformersPoolConfig):
     def sources(self) -> list[Source]:
         """The base, every expert (of the base's architecture and shapes, or an adapter made for it), and the
         tokenizer (a directory must hold one)."""
-        return [Source("model_pool.base", self.base, revision=self.revision, role="base"),
-                *(Source(f"model_pool.experts.{name}", location, revision=self.revision, role="expert", adapter=True)
+        common = {"revision": self.revision, "allow_pickle": self.allow_pickle}
+        return [Source("model_pool.base", self.base, role="base", **common),
+                *(Source(f"model_pool.experts.{name}", location, role="expert", adapter=True, **common)
                   for name, location in self.experts.items()),
                 self.tokenizer_source()]

@@ -17,8 +17,9 @@ class TransformersPoolConfig(ModelPoolConfig):
     dtype: str = "float32"
     revision: str | None = None
     tokenizer: str | None = None                  # default: the base's
+    allow_pickle: bool = False                    # load pytorch_model.bin checkpoints (pickle can run code)
 
-    keys = ("base", "experts", "dtype", "revision", "tokenizer")
+    keys = ("base", "experts", "dtype", "revision", "tokenizer", "allow_pickle")
 
     @classmethod
     def parse(cls, section: Section) -> TransformersPoolConfig:
@@ -28,7 +29,8 @@ class TransformersPoolConfig(ModelPoolConfig):
         return cls(base=base, experts=checked_experts(section),
                    dtype=dtype_name(section.get("dtype", str, "a dtype name", "float32"), section.where("dtype")),
                    revision=section.get("revision", str, "a branch, tag or commit", None),
-                   tokenizer=section.get("tokenizer", str, "a hub id or a directory", None))
+                   tokenizer=section.get("tokenizer", str, "a hub id or a directory", None),
+                   allow_pickle=section.get("allow_pickle", bool, "true or false", False))
 
     def expert_names(self) -> list[str]:
         return list(self.experts)

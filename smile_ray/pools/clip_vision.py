@@ -20,6 +20,7 @@ if TYPE_CHECKING:   # transformers is imported when a model is loaded: validatin
 from smile_ray.errors import SmileError
 from smile_ray.hub import load_pretrained
 from smile_ray.kinds.clip_vision import CLIP_MODEL_TYPES, ClipVisionConfig
+from smile_ray.smile.weights import check_finite_weights
 from smile_ray.tasks.ta8 import TA8_TASK_NAMES, check_task_names
 
 DTYPES: dict[str, torch.dtype] = {
@@ -52,6 +53,7 @@ class ClipVisionPool:
     experts: dict[str, str]  # expert name -> hub id or local dir of a CLIPVisionModel; order is kept
     dtype: str | torch.dtype = "float32"  # dtype the models are loaded in
     revision: str | None = None  # hub revision (branch, tag or commit) for every hub id; ignored for dirs
+    allow_pickle: bool = False  # load pytorch_model.bin checkpoints (unpickling can run code)
     field_prefix: str = "model_pool"  # how errors name this pool's fields, e.g. "model_pool.experts.mnist"
 
     def __post_init__(self) -> None:
@@ -76,14 +78,14 @@ class ClipVisionPool:
     def load_base(self) -> CLIPVisionModel:
         """The pretrained vision tower, in eval mode."""
         return load_clip_vision(self.base, field=f"{self.field_prefix}.base", dtype=self.torch_dtype,
-                                revision=self.revision)
+                                revision=self.revision, allow_pickle=self.allow_pickle)
 
     def load_expert(self, name: str) -> CLIPVisionModel:
         """One fine-tuned vision tower, in eval mode."""
         if name not in self.experts:
             raise SmileError(f"{self.field_prefix}.experts: no expert {name!r} (have: {', '.join(self.experts)})")
         return load_clip_vision(self.experts[name], field=f"{self.field_prefix}.experts.{name}",
-                                dtype=self.torch_dtype, revision=self.revision)
+                                dtype=self.torch_dtype, revision=self.revision, allow_pickle=self.allow_pickle)
 
     def load_experts(self) -> OrderedDict[str, CLIPVisionModel]:
         """All experts, name -> model, in pool order (all are held in memory at once)."""
@@ -92,12 +94,14 @@ class ClipVisionPool:
 
 def load_pool(config: ClipVisionConfig) -> ClipVisionPool:
     """The pool a `model_pool: {kind: clip_vision}` section describes (smile_ray.kinds.clip_vision)."""
-    return ClipVisionPool(base=config.base, experts=config.experts, dtype=config.dtype, revision=config.revision)
+    return ClipVisionPool(base=config.base, experts=config.experts, dtype=config.dtype, revision=config.revision,
+                          allow_pickle=config.allow_pickle)
 
 
 def load_clip_vision(source: str, *, field: str, dtype: torch.dtype = torch.float32,
-                     revision: str | None = None) -> CLIPVisionModel:
-    """A `CLIPVisionModel` from a hub id or a directory; one-line `SmileError` naming `field` on failure."""
+                     revision: str | None = None, allow_pickle: bool = False) -> CLIPVisionModel:
+    """A `CLIPVisionModel` from a hub id or a directory, its weights finite; one-line `SmileError` naming `field` on
+    failure. Safetensors only, unless `allow_pickle`."""
     from transformers import CLIPVisionModel, PretrainedConfig   # outside load_pretrained's "cannot load" errors
 
     def load(source: str, *, dtype: torch.dtype, **hub_kwargs) -> CLIPVisionModel:
@@ -107,13 +111,15 @@ def load_clip_vision(source: str, *, field: str, dtype: torch.dtype = torch.floa
             raise ValueError(f"model_type is {model_type!r}, not a CLIP vision model")
         with _quiet_load_report():
             model, info = CLIPVisionModel.from_pretrained(source, dtype=dtype, output_loading_info=True,
+                                                          use_safetensors=None if allow_pickle else True,
                                                           **hub_kwargs)
         missing = sorted(info["missing_keys"])
         if missing:  # a full CLIPModel checkpoint leaves unexpected text-tower keys (fine); missing ones are not
             raise ValueError(f"{len(missing)} weights missing from the checkpoint, e.g. {missing[0]}")
         return model.eval()
 
-    return load_pretrained(load, source, field=field, revision=revision, dtype=dtype)
+    return check_finite_weights(load_pretrained(load, source, field=field, revision=revision, dtype=dtype),
+                                f"{field}: {source!r}")
 
 
 @contextmanager

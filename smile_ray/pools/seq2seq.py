@@ -10,6 +10,7 @@ from smile_ray.errors import SmileError
 from smile_ray.hub import hub_has_file, load_pretrained
 from smile_ray.kinds.seq2seq import Seq2SeqConfig
 from smile_ray.pools import load_tokenizer
+from smile_ray.smile.weights import check_finite_weights
 
 
 class Seq2SeqPool:
@@ -31,7 +32,7 @@ class Seq2SeqPool:
 
     def load_base(self) -> torch.nn.Module:
         return load_seq2seq(self.config.base, field="model_pool.base", dtype=self.torch_dtype,
-                            revision=self.config.revision)
+                            revision=self.config.revision, allow_pickle=self.config.allow_pickle)
 
     def is_adapter(self, name: str) -> bool:
         source = self.config.experts[name]
@@ -44,29 +45,35 @@ class Seq2SeqPool:
             raise SmileError(f"model_pool.experts: no expert {name!r} (have: {', '.join(self.expert_names)})")
         field, source = f"model_pool.experts.{name}", self.config.experts[name]
         if not self.is_adapter(name):
-            return load_seq2seq(source, field=field, dtype=self.torch_dtype, revision=self.config.revision)
+            return load_seq2seq(source, field=field, dtype=self.torch_dtype, revision=self.config.revision,
+                                allow_pickle=self.config.allow_pickle)
         from peft import PeftModel
 
         def merged(adapter: str, **hub_kwargs) -> torch.nn.Module:
             base = load_seq2seq(self.config.base, field="model_pool.base", dtype=torch.float32,
-                                revision=self.config.revision)
+                                revision=self.config.revision, allow_pickle=self.config.allow_pickle)
             model = PeftModel.from_pretrained(base, adapter, **hub_kwargs).merge_and_unload()
             return model.to(self.torch_dtype).eval()
 
-        return load_pretrained(merged, source, field=field, revision=self.config.revision)
+        return check_finite_weights(load_pretrained(merged, source, field=field, revision=self.config.revision),
+                                    f"{field}: {source!r}")
 
     def load_tokenizer(self):
         return load_tokenizer(self.config)
 
 
-def load_seq2seq(source: str, *, field: str, dtype: torch.dtype, revision: str | None) -> torch.nn.Module:
-    """An `AutoModelForSeq2SeqLM` from a hub id or a directory, in eval mode; one-line SmileError naming `field`."""
+def load_seq2seq(source: str, *, field: str, dtype: torch.dtype, revision: str | None,
+                 allow_pickle: bool = False) -> torch.nn.Module:
+    """An `AutoModelForSeq2SeqLM` from a hub id or a directory, in eval mode, its weights finite; one-line SmileError
+    naming `field`. Safetensors only, unless `allow_pickle`."""
     from transformers import AutoModelForSeq2SeqLM
 
     def load(source: str, **kwargs) -> torch.nn.Module:
-        return AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs).eval()
+        return AutoModelForSeq2SeqLM.from_pretrained(source, use_safetensors=None if allow_pickle else True,
+                                                     **kwargs).eval()
 
-    return load_pretrained(load, source, field=field, revision=revision, dtype=dtype)
+    return check_finite_weights(load_pretrained(load, source, field=field, revision=revision, dtype=dtype),
+                                f"{field}: {source!r}")
 
 
 def load_pool(config: Seq2SeqConfig) -> Seq2SeqPool:

@@ -8,7 +8,6 @@ to hold T + 1 copies of, checkpoint directories read one layer at a time (weight
 from __future__ import annotations
 
 import fnmatch
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from torch import nn
 from smile_ray.errors import SmileError
 from smile_ray.smile.layer import SmileLinear
 from smile_ray.smile.svd import SOLVERS, Decomposer, SvdCache, SvdStats
-from smile_ray.smile.weights import ModelWeights, as_weights, linear_layers, return_freed_memory
+from smile_ray.smile.weights import (ModelWeights, as_weights, is_finite, linear_layers, return_freed_memory,
+                                     value_range)
 
 Model = nn.Module | ModelWeights
 Experts = Sequence[Model] | Mapping[str, Model]
@@ -65,17 +65,9 @@ def check_same_architecture(base: Model, experts: Mapping[str, Model]) -> None:
                                  f"the pretrained model {list(shape)}")
 
 
-def value_range(tensor: torch.Tensor) -> tuple[float, float]:
-    """(min, max) of a tensor in one pass without temporaries (NaN when it holds a NaN); (0, 0) when empty."""
-    if tensor.numel() == 0:
-        return 0.0, 0.0
-    low, high = torch.aminmax(tensor.detach())
-    return low.item(), high.item()
-
-
 def check_finite(layer: str, tensors: Mapping[str, torch.Tensor]) -> None:
     for owner, tensor in tensors.items():
-        if tensor is not None and not all(map(math.isfinite, value_range(tensor))):
+        if tensor is not None and not is_finite(tensor):
             raise SmileError(f"{layer}: {owner} has non-finite weights (NaN or inf)")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import math
 from collections.abc import Collection
 from functools import cache, cached_property
 from pathlib import Path
@@ -116,6 +117,8 @@ class CheckpointWeights:
         if dtype is None:
             raise SmileError(f"{path}: {name!r} has dtype {entry.dtype}, which smile_ray does not read")
         tensor = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(entry.shape)
+        if not is_finite(tensor):
+            raise SmileError(f"{self.field}: {path}: weight {name} holds NaN or inf")
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def skeleton(self) -> nn.Module:
@@ -162,6 +165,28 @@ class CheckpointWeights:
 
     def parameter_count(self) -> int:
         return self._layout[1]
+
+
+def value_range(tensor: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a tensor in one pass without temporaries (NaN when it holds a NaN); (0, 0) when empty."""
+    if tensor.numel() == 0:
+        return 0.0, 0.0
+    low, high = torch.aminmax(tensor.detach())
+    return low.item(), high.item()
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in a floating-point tensor (both show in its extremes); other tensors are finite."""
+    return not tensor.is_floating_point() or all(map(math.isfinite, value_range(tensor)))
+
+
+def check_finite_weights(model: nn.Module, where: str) -> nn.Module:
+    """`model`, once every weight and buffer is checked for NaN and inf (a damaged or diverged checkpoint): else a
+    SmileError naming `where` and the first such weight."""
+    for name, tensor in model.state_dict().items():
+        if not is_finite(tensor):
+            raise SmileError(f"{where}: weight {name} holds NaN or inf")
+    return model
 
 
 def linear_layers(model: nn.Module) -> list[str]:

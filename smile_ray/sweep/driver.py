@@ -1,11 +1,12 @@
 """One sweep, from the checks to summary.json: `run_sweep`.
 
 The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts, and
-prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs.
+prepares the task pool while the prefill tasks read every model and compute SVDs.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S
-from smile_ray.errors import without_credentials
+from smile_ray.errors import SmileError, without_credentials
 from smile_ray.files import write_json
 from smile_ray.sources import check_pools
 from smile_ray.spec import SweepSpec
@@ -56,15 +57,14 @@ def in_background(function: Callable[..., Any], *args: Any) -> Future:
 def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
     """Start filling the SVD cache for every SVD a trial of this space can slice (`SweepSpec.prefill_plan`), one Ray
     task per expert (and one on the pretrained model alone); returns the tasks' ObjectRefs (each resolves to what
-    its task computed)."""
+    its task computed). Every expert gets a task, with nothing to compute if need be: loading a model checks its
+    weights (NaN, inf), so a damaged model is refused before any trial starts, whatever the methods."""
     import ray
 
-    jobs: dict[str | None, list[tuple[str, dict]]] = {}
+    jobs: dict[str | None, list[tuple[str, dict]]] = {expert: [] for expert in models.expert_names}
     for name, entry, per_expert in spec.prefill_plan():
         for expert in (models.expert_names if per_expert else [None]):
             jobs.setdefault(expert, []).append((name, entry))
-    if not jobs:
-        return []
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and spec.resources["gpu"] > 0 else 0
     task = ray.remote(prefill_expert).options(num_cpus=1, num_gpus=gpus, name="smile_svd_prefill")
     return [task.remote(models, expert, plan, str(svd_cache), spec.name) for expert, plan in jobs.items()]
@@ -76,7 +76,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     sweep, write summary.json; returns the summary.
 
     The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
-    and prepares the task pool and opens the MLflow store while the prefill tasks compute SVDs."""
+    and prepares the task pool while the prefill tasks read every model and compute SVDs."""
     from smile_ray.cluster import check_trial_resources, ray_cluster
     from smile_ray.hub import check_server
 
@@ -99,8 +99,14 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
                 print(dashboard, flush=True)
             if options.overwrite:
                 clear_sweep(options.output)
+            created = not options.output.exists()
             options.output.mkdir(parents=True, exist_ok=True)
-            return sweep_on_cluster(spec, options, record, loading.result())
+            try:
+                return sweep_on_cluster(spec, options, record, loading.result())
+            except SmileError:          # found in the models while the SVDs were computed (NaN weights): a new
+                if not options.resume:  # sweep leaves nothing behind, as when the checks refuse it
+                    shutil.rmtree(options.output) if created else clear_sweep(options.output)
+                raise
     finally:
         # never return with the loader still running: transformers swaps class attributes while it loads a model
         # (PreTrainedModel.tie_weights, torch's init functions) and puts them back afterwards, so a load running
@@ -123,14 +129,14 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
     if "tracking_uri" not in record:                  # a new sweep, or one from before sweep.json recorded it
         record = sweep_record(options, spec)
-    open_store(options.tracking_uri)
     if prefill_tasks is not None:
         prefill = record["svd_prefill"] = ray.get(prefill_tasks)
         write_json(record, options.output / SWEEP_FILE)
-        if prefill:
+        if spec.prefill_plan():
             computed = sum(p["svd_computed"] for p in prefill)
             print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
                   f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
+    open_store(options.tracking_uri)              # once the models have been read whole: a refusal writes nothing
     logging.getLogger("ray.tune.tune").addFilter(without_restore_hint)     # main prints the command to resume
     results = build_tuner(spec, pools, options).fit()
     if not sweep_complete(options.output / EXPERIMENT_DIR, spec.trial_count()):
