@@ -89,6 +89,16 @@ class TrackingWriter:
         """The server's id for `run_id` (a placeholder once its run was delivered; any other id as it is)."""
         return self._ids().get(run_id, run_id) if run_id.startswith(PLACEHOLDER) else run_id
 
+    def _resolved(self, value: Any) -> Any:
+        """`value` with every placeholder in it (a string, in lists and mappings) replaced by its run's id."""
+        if isinstance(value, str):
+            return self.resolve(value)
+        if isinstance(value, list):
+            return [self._resolved(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self._resolved(item) for key, item in value.items()}
+        return value
+
     # -- writes ----------------------------------------------------------------------------------------------------
 
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
@@ -158,9 +168,9 @@ class TrackingWriter:
             os.fsync(journal.fileno())
 
     def _apply(self, record: dict[str, Any], replay: bool = False) -> str | None:
-        op, args = record["op"], {key: value for key, value in record.items() if key != "op"}
-        if "run_id" in args:
-            args["run_id"] = self.resolve(args["run_id"])
+        op = record["op"]
+        args = {key: value if key == "placeholder" else self._resolved(value)       # run ids in tags and files too
+                for key, value in record.items() if key != "op"}
         if op == "create_run":
             return self._create_run(**args)
         if op == "log_batch":
