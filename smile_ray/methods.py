@@ -240,7 +240,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 
 def get_method(name: Any) -> Method:
     """The method called `name`, or a SmileError listing the known ones."""
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise SmileError(f"method.name: unknown method {name!r} (known: {', '.join(METHODS)})")
     return METHODS[name]
 
@@ -248,4 +248,4 @@ def get_method(name: Any) -> Method:
 def describe(method: Mapping[str, Any]) -> str:
     """`Method.describe` of a `method:` section ({"name": …, parameters}); its name alone for an unknown method."""
     name = method.get("name")
-    return METHODS[name].describe(method) if name in METHODS else str(name or "")
+    return METHODS[name].describe(method) if isinstance(name, str) and name in METHODS else str(name or "")

@@ -235,7 +235,7 @@ def parse_pool(section: Any, path: str) -> PoolConfig:
     if not isinstance(section, Mapping):
         raise SmileError(f"{path}: expected a mapping, got {section!r}")
     kind = section.get("kind")
-    if kind not in registry:
+    if not isinstance(kind, str) or kind not in registry:
         raise SmileError(f"{path}.kind: unknown kind {kind!r} (known: {', '.join(sorted(registry))})")
     config_class = registry[kind]
     return config_class.parse(Section({k: v for k, v in section.items() if k != "kind"}, path,
