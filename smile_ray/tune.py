@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in --output)")
     parser.add_argument("--experiment", help="MLflow experiment name (default: the space's tracking.experiment)")
+    parser.add_argument("--svd-cache", help="the SVD cache, which sweeps of the same models may share, on any "
+                                            "storage every node sees (default: <output>/svd_cache)")
     parser.add_argument("--validate", action="store_true", help="only validate the space and print its trials")
     return parser.parse_args(argv)
 
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = args.tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
         options = SweepOptions(output=output, tracking_uri=tracking_uri, address=args.address, resume=args.resume,
                                overwrite=args.overwrite, resource_wait_s=args.wait_for_resources,
-                               experiment=args.experiment or spec.tracking["experiment"])
+                               experiment=args.experiment or spec.tracking["experiment"],
+                               svd_cache=Path(args.svd_cache).resolve() if args.svd_cache else None)
         summary = run_sweep(spec, options)
     except SmileError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)

@@ -2,6 +2,8 @@
 callback holds what the server could not take on disk and delivers it, in order and once (smile_ray.outbox)."""
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -226,3 +228,34 @@ def test_a_sweep_whose_server_never_comes_back_ends_with_status_3_and_sync_deliv
     summary = json.loads((output / "summary.json").read_text())
     assert summary["mlflow"]["held_records"] == 0 and not (output / OUTBOX_DIR / outbox.JOURNAL).exists()
     check_mlflow(client, "gone", summary)
+
+
+def test_two_sweeps_at_once_share_a_server_and_an_svd_cache(server, tiny_cache, tmp_path, ray_session):
+    """Two people sweep the same models at the same time into one tracking server and one SVD cache: both finish,
+    each parent run holds its own trials only, and every SVD is computed once across both."""
+    cache = tmp_path / "shared_svd_cache"
+    drivers = {}
+    for name, top_k in (("first", 1), ("second", 2)):         # the same SVDs (top_k needs none of its own)
+        space = sweep_space(tmp_path / f"{name}.yaml", tiny_cache, gate_k=2, k=[4, -1], top_k=top_k)
+        command = [sys.executable, "-m", "smile_ray.tune", "--space", space, "--output", str(tmp_path / name),
+                   "--tracking-uri", server.uri, "--experiment", "shared", "--svd-cache", str(cache),
+                   "--address", ray_session.get_runtime_context().gcs_address]
+        drivers[name] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    errors = {name: driver.communicate(timeout=600)[1] for name, driver in drivers.items()}
+    for name, driver in drivers.items():
+        assert driver.returncode == 0, errors[name][-3000:]
+        assert "Traceback" not in errors[name] and "locked" not in errors[name], errors[name][-3000:]
+
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("shared").experiment_id
+    parents, children = runs(client, experiment)
+    assert len(parents) == 2
+    for name in drivers:
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        mine = {c.data.tags["trial_id"] for c in children
+                if c.data.tags["mlflow.parentRunId"] == summary["mlflow"]["parent_run_id"]}
+        assert mine == {t["trial_id"] for t in summary["trials"]} and len(mine) == 2
+    computed = sum(task["svd_computed"] for name in drivers
+                   for task in json.loads((tmp_path / name / "sweep.json").read_text())["svd_prefill"])
+    entries = list(cache.glob("*/*.safetensors"))
+    assert computed == len(entries) > 0                        # each SVD once, whichever sweep came first

@@ -13,10 +13,13 @@ Two solvers for the top-r singular triplets of a matrix A (m × n):
 The cache stores (U, s, V) per (layer name, content of W0, content of Wᵢ, what was decomposed) as
 safetensors files. A request for rank ≤ the cached rank is a slice of the cached factors; a larger
 rank is recomputed and replaces the entry. Files are written atomically, so the cache can live on
-storage shared by many processes or nodes.
+storage shared by many processes or nodes; and a decomposition is claimed (an exclusive lock on `<entry>.lock`)
+while it is computed, so processes that need the same one at once, two sweeps sharing a cache for instance,
+compute it once: the others wait and read it. (Where the file system has no locks, each computes it.)
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 import threading
@@ -229,6 +232,23 @@ class SvdCache:
             raise DamagedEntry(f"factors of a {u.shape[0]} × {v.shape[0]} matrix, not {shape[0]} × {shape[1]}")
         return Factors(u, s, v, bool(tensors["complete"].item()))
 
+    @contextmanager
+    def claim(self, key: str) -> Iterator[None]:
+        """Hold the entry's lock (waiting for whoever holds it) while computing what it will hold."""
+        lock = self._path(key).with_suffix(".lock")
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a")
+        except OSError:                                     # a read-only cache: nothing to claim
+            yield
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:                                 # a file system without locks
+                pass
+            yield                                           # closing the file releases the lock
+
     def put(self, key: str, factors: Factors) -> None:
         """Store factors atomically, unless an entry of at least this rank is already there (a damaged one is
         replaced)."""
@@ -278,15 +298,21 @@ class Decomposer:
         return tensor_digest(tensor) if self.cache is not None else ""
 
     def factors(self, matrix: torch.Tensor, rank: int, key: str) -> Factors:
-        """Top-`rank` factors of `matrix`, through the cache (if any) under `key` (see SvdCache.key)."""
-        if self.cache is not None:
+        """Top-`rank` factors of `matrix`, through the cache (if any) under `key` (see SvdCache.key); a process
+        computing the same key meanwhile is waited for (`SvdCache.claim`)."""
+        if self.cache is None:
+            return self._compute(matrix, rank)
+        with self.cache.claim(key):
             cached = self.cache.get(key, rank, tuple(matrix.shape))
             if cached is not None:
                 self.stats.add(hits=1)
                 return cached
+            factors = self._compute(matrix, rank)
+            self.cache.put(key, factors)
+            return factors
+
+    def _compute(self, matrix: torch.Tensor, rank: int) -> Factors:
         start = time.perf_counter()
         factors = truncated_svd(matrix, rank, self.device, self.solver)
         self.stats.add(computed=1, seconds=time.perf_counter() - start)
-        if self.cache is not None:
-            self.cache.put(key, factors)
         return factors

@@ -20,7 +20,7 @@ from smile_ray.errors import SmileError, without_credentials
 from smile_ray.files import write_json
 from smile_ray.sources import check_pools
 from smile_ray.spec import SweepSpec
-from smile_ray.sweep.record import (EXPERIMENT_DIR, OUTBOX_DIR, SUMMARY_FILE, SVD_CACHE_DIR, SWEEP_FILE, SweepOptions,
+from smile_ray.sweep.record import (EXPERIMENT_DIR, OUTBOX_DIR, SUMMARY_FILE, SWEEP_FILE, SweepOptions,
                                     check_output, clear_sweep, refuse_existing_sweep, resumable_record, sweep_record)
 from smile_ray.sweep.summary import build_summary, sweep_complete
 from smile_ray.sweep.tuner import build_tuner, without_restore_hint
@@ -87,6 +87,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     if without_credentials(options.tracking_uri) != record.get("tracking_uri", options.tracking_uri):
         options.tracking_uri = record["tracking_uri"]     # a sweep keeps the store it began with (credentials given now)
     options.experiment = record.get("experiment", options.experiment)
+    if "svd_cache" in record:
+        options.svd_cache = Path(record["svd_cache"])
     check_server(options.tracking_uri)
     check_output(options.output)
     loading = in_background(load_pools, spec)
@@ -124,7 +126,7 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     start = time.perf_counter()
     prefill = record.get("svd_prefill")                           # a resumed sweep's, if it had finished
     prefill_tasks = None if prefill is not None else start_svd_prefill(spec, pools.models,
-                                                                       options.output / SVD_CACHE_DIR)
+                                                                       options.svd_cache_dir)
     pools.tasks.prepare()                                         # datasets and zero-shot heads
     options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
     if "tracking_uri" not in record:                  # a new sweep, or one from before sweep.json recorded it
@@ -135,7 +137,7 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
         if spec.prefill_plan():
             computed = sum(p["svd_computed"] for p in prefill)
             print(f"SVD cache: {computed} SVDs computed in {time.perf_counter() - start:.1f} s "
-                  f"({len(prefill)} Ray tasks) → {options.output / SVD_CACHE_DIR}", flush=True)
+                  f"({len(prefill)} Ray tasks) → {options.svd_cache_dir}", flush=True)
     open_store(options.tracking_uri)              # once the models have been read whole: a refusal writes nothing
     logging.getLogger("ray.tune.tune").addFilter(without_restore_hint)     # main prints the command to resume
     results = build_tuner(spec, pools, options).fit()

@@ -51,6 +51,11 @@ class SweepOptions:
     overwrite: bool = False
     resource_wait_s: float | None = None     # None: DEFAULT_RESOURCE_WAIT_S on an --address cluster, 0 locally
     verbose: int = 1
+    svd_cache: Path | None = None            # None: SVD_CACHE_DIR in output; sweeps may share one (--svd-cache)
+
+    @property
+    def svd_cache_dir(self) -> Path:
+        return self.svd_cache or self.output / SVD_CACHE_DIR
 
 
 def read_record(output: Path) -> dict[str, Any]:
@@ -63,7 +68,8 @@ def read_record(output: Path) -> dict[str, Any]:
 def sweep_record(options: SweepOptions, spec: SweepSpec) -> dict[str, Any]:
     """Write sweep.json for a sweep that starts: its tracking store, experiment, space and place, which a
     `--resume` keeps; returns what it wrote."""
-    record = {"tracking_uri": without_credentials(options.tracking_uri), "experiment": options.experiment, "space_name": spec.name,
+    record = {"tracking_uri": without_credentials(options.tracking_uri), "experiment": options.experiment,
+              "svd_cache": str(options.svd_cache_dir), "space_name": spec.name,
               "space": space_text(spec), "output": str(options.output)}
     write_json(record, options.output / SWEEP_FILE)
     return record

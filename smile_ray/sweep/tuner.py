@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from smile_ray.spec import SweepSpec
-from smile_ray.sweep.record import EXPERIMENT_DIR, MODELS_DIR, OUTBOX_DIR, REPORTS_DIR, SVD_CACHE_DIR, SweepOptions
+from smile_ray.sweep.record import EXPERIMENT_DIR, MODELS_DIR, OUTBOX_DIR, REPORTS_DIR, SweepOptions
 from smile_ray.sweep.workers import smile_trial
 
 
@@ -56,7 +56,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     from smile_ray.tracking import MetricsCallback, MlflowSweepCallback
 
     trainable = tune.with_resources(
-        tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.output / SVD_CACHE_DIR),
+        tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.svd_cache_dir),
                              reports_dir=str(options.output / REPORTS_DIR), sweep=spec.name,
                              models_dir=str(options.output / MODELS_DIR) if spec.tracking["save_model"] else None,
                              halving=((spec.search["min_samples"], spec.search["reduction_factor"])
