@@ -183,3 +183,21 @@ def test_kuberay_head_exposes_dashboard_and_metrics(name):
     spec = doc["spec"].get("rayClusterSpec", doc["spec"])
     ports = {p["name"]: p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
     assert ports["dashboard"] == 8265 and ports["metrics"] == 8080 and ports["gcs-server"] == 6379
+
+
+def test_nothing_is_exposed_outside_the_cluster():
+    """cluster/README.md's threat model: every Service is ClusterIP, no Ingress, the Ray heads' services stay
+    ClusterIP, and the MLflow servers serve their artifacts themselves (trials on any node never write to a path
+    only one machine sees) bound to the cluster network (KubeRay) or the head's loopback (launcher)."""
+    docs = [doc for path in sorted(KUBERAY.glob("*.yaml")) for doc in _docs(path)]
+    assert not [d for d in docs if d.get("kind") == "Ingress"]
+    for service in (d for d in docs if d.get("kind") == "Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+    for ray_kind, path in (("RayCluster", "raycluster.yaml"), ("RayJob", "rayjob.yaml")):
+        spec = _one(KUBERAY / path, ray_kind)["spec"]
+        head = (spec if ray_kind == "RayCluster" else spec["rayClusterSpec"])["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    server = " ".join(_one(KUBERAY / "mlflow.yaml", "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--serve-artifacts" in server and "--artifacts-destination" in server
+    launcher = (CLUSTER / "ray-cluster.yaml").read_text()
+    assert re.search(r"mlflow server[^&]*--host 127\.0\.0\.1", launcher, re.S)
