@@ -43,8 +43,9 @@ def sweep(trials: int, work: Path) -> dict:
     peak = last = 0
     while driver.poll() is None:
         try:
-            last = driver.memory_info().rss
-            peak = max(peak, last)
+            rss = driver.memory_info().rss
+            if rss:                                        # 0 once the process has exited
+                last, peak = rss, max(peak, rss)
         except psutil.Error:
             pass
         time.sleep(0.2)

@@ -22,7 +22,7 @@ from smile_ray.sources import check_pools
 from smile_ray.spec import SweepSpec
 from smile_ray.sweep.record import (EXPERIMENT_DIR, OUTBOX_DIR, SUMMARY_FILE, SWEEP_FILE, SweepOptions,
                                     check_output, clear_sweep, refuse_existing_sweep, resumable_record, sweep_record)
-from smile_ray.sweep.summary import build_summary, sweep_complete
+from smile_ray.sweep.summary import build_summary, saved_trials, sweep_complete
 from smile_ray.sweep.tuner import build_tuner, without_restore_hint
 from smile_ray.sweep.workers import prefill_expert
 
@@ -141,11 +141,12 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     open_store(options.tracking_uri)              # once the models have been read whole: a refusal writes nothing
     logging.getLogger("ray.tune.tune").addFilter(without_restore_hint)     # main prints the command to resume
     results = build_tuner(spec, pools, options).fit()
-    if not sweep_complete(options.output / EXPERIMENT_DIR, spec.trial_count()):
+    trials = saved_trials(options.output / EXPERIMENT_DIR)
+    if not sweep_complete(trials, spec.trial_count()):
         raise KeyboardInterrupt         # Tune stopped on Ctrl-C (SIGINT) and saved its state; --resume continues
     held = TrackingWriter(options.tracking_uri, options.output / OUTBOX_DIR).held   # what the server did not take
     runs = None if held else find_sweep(options.tracking_uri, options.experiment, str(options.output))
-    summary = build_summary(spec, results, runs, options)
+    summary = build_summary(spec, results, runs, options, {t.trial_id: t.num_failures for t in trials})
     summary["mlflow"]["held_records"] = held
     summary["svd_prefill"] = prefill
     write_json(summary, options.output / SUMMARY_FILE)

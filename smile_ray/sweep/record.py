@@ -91,14 +91,15 @@ def resume_space(output: Path, overrides: list[str]) -> SweepSpec | None:
 
 
 def resumable_record(spec: SweepSpec, output: Path) -> dict[str, Any]:
-    """sweep.json of the sweep in `output`, which `--resume` continues, after checking that there is one, that it
-    was started there and with this space (else Tune would restore the old trials and silently ignore what
+    """sweep.json of the sweep in `output`, which `--resume` continues, after checking that there is one (Tune's
+    saved state, or only sweep.json when the driver was stopped before the first trial, during the SVD prefill),
+    that it was started there and with this space (else Tune would restore the old trials and silently ignore what
     changed)."""
     from ray import tune
 
-    if not tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)):
-        raise SmileError(f"--resume: no sweep to resume in {output / EXPERIMENT_DIR}")
     record = read_record(output)
+    if not tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)) and "space" not in record:
+        raise SmileError(f"--resume: no sweep to resume in {output / EXPERIMENT_DIR}")
     started_in = record.get("output")
     if started_in is not None and Path(started_in).resolve() != output.resolve():
         raise SmileError(f"--resume: the sweep in {output} was started in {started_in} and copied or moved since; its "

@@ -17,8 +17,10 @@ def _scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not is_bookkeeping(k) and isinstance(v, (int, float, str, bool))}
 
 
-def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict[str, Any]:
-    """summary.json: every trial (id, status, method config, final metrics, MLflow run) and the best one."""
+def build_summary(spec: SweepSpec, results, runs, options: SweepOptions,
+                  failures: dict[str, int] | None = None) -> dict[str, Any]:
+    """summary.json: every trial (id, status, method config, final metrics, MLflow run, how many of its attempts
+    failed: a trial Tune retried after its node was lost has finished with one) and the best one."""
     from smile_ray.plots import best_point
 
     metric, mode = spec.search["metric"], spec.search["mode"]
@@ -31,6 +33,7 @@ def build_summary(spec: SweepSpec, results, runs, options: SweepOptions) -> dict
             "finished" if "report" in (result.metrics or {}) else "stopped")   # stopped early by the scheduler
         trials.append({"trial_id": trial_id, "status": status, "config": result.config.get("method", {}),
                        "metrics": metrics, "mlflow_run_id": runs.run_ids.get(trial_id) if runs else None,
+                       "failed_attempts": (failures or {}).get(trial_id, 0),
                        "error": None if result.error is None else user_message(result.error)[:500]})
     return {"space": spec.name, "metric": metric, "mode": mode, "trials": trials,
             "best": best_point([t for t in trials if t["status"] == "finished"], metric, mode),
@@ -73,17 +76,21 @@ def ranked_table(summary: dict[str, Any], limit: int = 25) -> str:
     return "\n".join(lines)
 
 
-def sweep_complete(experiment: Path, trial_count: int) -> bool:
-    """Whether the experiment Tune saved in `experiment` has run all `trial_count` trials to an end (finished,
-    stopped early by the scheduler, or failed). After Ctrl-C Tune returns normally and marks the trials it stopped
-    TERMINATED in memory, but saves them as PENDING, for a restore to run again: the saved state tells."""
+def saved_trials(experiment: Path) -> list:
+    """The trials of the experiment Tune saved in `experiment` (its saved state, not Tune's in-memory view)."""
     from ray.tune import ExperimentAnalysis
 
     analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = analysis_log.level
     analysis_log.setLevel(logging.ERROR)          # "could not fetch metrics" of trials stopped before reporting
     try:
-        trials = ExperimentAnalysis(str(experiment)).trials
+        return ExperimentAnalysis(str(experiment)).trials
     finally:
         analysis_log.setLevel(level)
+
+
+def sweep_complete(trials: list, trial_count: int) -> bool:
+    """Whether the saved `trials` (`saved_trials`) are all `trial_count` trials, each run to an end (finished,
+    stopped early by the scheduler, or failed). After Ctrl-C Tune returns normally and marks the trials it stopped
+    TERMINATED in memory, but saves them as PENDING, for a restore to run again: the saved state tells."""
     return len(trials) >= trial_count and all(trial.status in ("TERMINATED", "ERROR") for trial in trials)

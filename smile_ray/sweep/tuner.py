@@ -63,7 +63,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
                                       if spec.search["scheduler"] == "halving" else None)),
         {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
     path = str(options.output / EXPERIMENT_DIR)
-    if options.resume:                                   # run_sweep checked that there is one
+    if options.resume and tune.Tuner.can_restore(path):   # else stopped before its first trial: a new Tuner
         return tune.Tuner.restore(path, trainable=trainable)
     metric, mode = spec.search["metric"], spec.search["mode"]
     tracker = MlflowSweepCallback(options.tracking_uri, options.experiment, space_name=spec.name,
