@@ -334,3 +334,36 @@ def test_a_trial_worker_does_not_report_the_exit_tune_asked_for():
     other = SimpleNamespace(exc_type=ValueError)
     _quiet_exit_during_gc(other, report=reported.append)
     assert reported == [other]
+
+
+def test_a_driver_killed_during_the_svd_prefill_is_resumed(ray_session, tiny_cache, tmp_path):
+    """SIGKILL the driver while its prefill tasks compute SVDs (sweep.json written, no Tune state yet): --resume
+    starts the trials, with the SVDs already cached, and the sweep completes with one MLflow child per trial."""
+    space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": 2, "k": [4, -1]})
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--output", str(out), "--tracking-uri", uri, "--address", ray_session.get_runtime_context().gcs_address]
+    driver = subprocess.Popen([sys.executable, "-m", "smile_ray.tune", "--space", str(space), *common],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def in_prefill() -> bool:
+        try:
+            return "svd_prefill" not in json.loads((out / "sweep.json").read_text())
+        except (OSError, ValueError):
+            return False
+
+    deadline = time.time() + 120
+    while not in_prefill():
+        assert driver.poll() is None and time.time() < deadline, "the sweep never reached its SVD prefill"
+        time.sleep(0.02)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert not (out / "tune").exists() and not (out / "summary.json").exists()
+
+    assert main(["--resume", *common]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["trials"]) == 2 and all(t["status"] == "finished" for t in summary["trials"])
+    assert "svd_prefill" in json.loads((out / "sweep.json").read_text())
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny-sweep").experiment_id
+    parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(children(client, experiment, parents[0].info.run_id)) == 2
