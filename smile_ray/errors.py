@@ -20,6 +20,11 @@ class SmileError(ValueError):
     """A user mistake, described in one line that names the field, file or layer at fault."""
 
 
+class OutputFull(Exception):
+    """A sweep stopped, resumable, because its --output's file system fell below the free space it keeps (one line;
+    not a user mistake: `smile_ray.tune` exits with status 1)."""
+
+
 def last_line(text: str) -> str:
     """The exception's own message: the last non-empty line (a Ray error's first lines name the actor, a TuneError's
     are a traceback), without terminal colour codes."""

@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, describe_resources, keep_local_ray_on_loopback
-from smile_ray.errors import SmileError, user_message, without_credentials
+from smile_ray.errors import OutputFull, SmileError, user_message, without_credentials
 from smile_ray.spec import SweepSpec, load_space
 from smile_ray.sweep.driver import run_sweep
-from smile_ray.sweep.record import (EXPERIMENT_DIR, HELD_EXIT, OUTBOX_DIR, SUMMARY_FILE, SWEEP_FILE, SweepOptions,
-                                    resume_space)
+from smile_ray.sweep.record import (DEFAULT_MIN_FREE_MIB, EXPERIMENT_DIR, HELD_EXIT, OUTBOX_DIR, SUMMARY_FILE,
+                                    SWEEP_FILE, SweepOptions, resume_space)
 from smile_ray.sweep.summary import ranked_table
 
 # The driver's MLflow client gives up on a server that does not answer after seconds, not MLflow's 4 minutes of
@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in --output)")
     parser.add_argument("--experiment", help="MLflow experiment name (default: the space's tracking.experiment)")
+    parser.add_argument("--min-free-mib", type=float, default=DEFAULT_MIN_FREE_MIB, metavar="MIB",
+                        help="free space kept on --output's file system: a sweep does not start with less, and stops, "
+                             "resumable, when it falls below (default %(default)g)")
     parser.add_argument("--svd-cache", help="the SVD cache, which sweeps of the same models may share, on any "
                                             "storage every node sees (default: <output>/svd_cache)")
     parser.add_argument("--validate", action="store_true", help="only validate the space and print its trials")
@@ -136,11 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         options = SweepOptions(output=output, tracking_uri=tracking_uri, address=args.address, resume=args.resume,
                                overwrite=args.overwrite, resource_wait_s=args.wait_for_resources,
                                experiment=args.experiment or spec.tracking["experiment"],
-                               svd_cache=Path(args.svd_cache).resolve() if args.svd_cache else None)
+                               svd_cache=Path(args.svd_cache).resolve() if args.svd_cache else None,
+                               min_free_mib=args.min_free_mib)
         summary = run_sweep(spec, options)
     except SmileError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
+    except OutputFull as full:
+        print(f"error: {full}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         from ray import tune
 

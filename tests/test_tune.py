@@ -367,3 +367,58 @@ def test_a_driver_killed_during_the_svd_prefill_is_resumed(ray_session, tiny_cac
     experiment = client.get_experiment_by_name("tiny-sweep").experiment_id
     parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(children(client, experiment, parents[0].info.run_id)) == 2
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs: a file system that can fill up (needs the right to mount, as root in CI's container)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_sweep_stops_resumable_before_its_output_disk_is_full(ray_session, tiny_cache, small_disk, tmp_path):
+    """--output's disk fills up mid-sweep: the sweep stops while its writes still succeed (free space under
+    --min-free-mib), with one line saying so; nothing it wrote is corrupt; once space is freed, --resume completes
+    it, with one MLflow child per trial in the sqlite store on that disk."""
+    space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": [1, 2, 4], "k": [2, 4, -1]},
+                        search={"max_concurrent": 1})
+    out = small_disk / "out"
+    common = ["--output", str(out), "--address", ray_session.get_runtime_context().gcs_address,
+              "--min-free-mib", "16"]
+    driver = subprocess.Popen([sys.executable, "-m", "smile_ray.tune", "--space", str(space), *common],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(list((out / "reports").glob("*.json"))) < 2:
+        assert driver.poll() is None and time.time() < deadline, driver.stderr.read()[-2000:]
+        time.sleep(0.2)
+    stats = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - (8 << 20)))     # 8 MiB left: under the 16 kept
+    stderr = driver.communicate(timeout=300)[1]
+    lines = stderr.strip().splitlines()
+    assert driver.returncode == 1, stderr[-3000:]
+    assert lines[-1].startswith(f"error: --output {out}: only ") and "--resume --output" in lines[-1]
+    assert not (out / "summary.json").exists() and len(list((out / "reports").glob("*.json"))) < 9
+    for path in [out / "sweep.json", *(out / "reports").glob("*.json")]:
+        json.loads(path.read_text())                               # nothing half-written
+
+    filler.unlink()
+    assert main(["--resume", *common]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["trials"]) == 9 and all(t["status"] == "finished" for t in summary["trials"])
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-sweep").experiment_id
+    parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(children(client, experiment, parents[0].info.run_id)) == 9
+
+
+def test_a_sweep_does_not_start_without_its_free_space_reserve(tiny_cache, tmp_path, capsys):
+    space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": 2, "k": 4})
+    assert main(["--space", str(space), "--output", str(tmp_path / "out"), "--min-free-mib", "1e12"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --output {tmp_path / 'out'}: only ") and "--min-free-mib" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -78,6 +78,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     The driver's own start-up runs alongside the cluster's work: it loads its pools while a local Ray starts,
     and prepares the task pool while the prefill tasks read every model and compute SVDs."""
     from smile_ray.cluster import check_trial_resources, ray_cluster
+    from smile_ray.sweep.disk_space import check_free_space
     from smile_ray.hub import check_server
 
     record = resumable_record(spec, options.output) if options.resume else {}
@@ -91,6 +92,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
         options.svd_cache = Path(record["svd_cache"])
     check_server(options.tracking_uri)
     check_output(options.output)
+    check_free_space(options.output, options.min_free_mib)      # DiskSpaceGuard keeps watching
     loading = in_background(load_pools, spec)
     try:
         with ray_cluster(options.address) as dashboard:
@@ -122,6 +124,7 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
 
     from smile_ray.mlflow_runs import absolute_sqlite_uri, find_sweep, open_store
     from smile_ray.outbox import TrackingWriter
+    from smile_ray.sweep.disk_space import free_mib, output_full
 
     start = time.perf_counter()
     prefill = record.get("svd_prefill")                           # a resumed sweep's, if it had finished
@@ -143,6 +146,8 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     results = build_tuner(spec, pools, options).fit()
     trials = saved_trials(options.output / EXPERIMENT_DIR)
     if not sweep_complete(trials, spec.trial_count()):
+        if free_mib(options.output) < options.min_free_mib:     # DiskSpaceGuard stopped it
+            raise output_full(options.output, options.min_free_mib)
         raise KeyboardInterrupt         # Tune stopped on Ctrl-C (SIGINT) and saved its state; --resume continues
     held = TrackingWriter(options.tracking_uri, options.output / OUTBOX_DIR).held   # what the server did not take
     runs = None if held else find_sweep(options.tracking_uri, options.experiment, str(options.output))

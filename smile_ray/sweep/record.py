@@ -38,6 +38,9 @@ MODELS_DIR = "models"                    # tracking.save_model: one checkpoint p
 OUTBOX_DIR = "mlflow_outbox"             # MLflow writes held while the tracking server does not answer (outbox.py)
 
 
+DEFAULT_MIN_FREE_MIB = 256.0             # free space a sweep keeps on --output's file system (sweep/disk_space.py)
+
+
 HELD_EXIT = 3          # a sweep finished with MLflow records held in OUTBOX_DIR (the server did not come back)
 
 
@@ -52,6 +55,7 @@ class SweepOptions:
     resource_wait_s: float | None = None     # None: DEFAULT_RESOURCE_WAIT_S on an --address cluster, 0 locally
     verbose: int = 1
     svd_cache: Path | None = None            # None: SVD_CACHE_DIR in output; sweeps may share one (--svd-cache)
+    min_free_mib: float = DEFAULT_MIN_FREE_MIB   # MiB: the reserve of free space kept on --output's file system (disk_space.py)
 
     @property
     def svd_cache_dir(self) -> Path:

@@ -53,6 +53,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     """A new Tuner, or the restored one when resuming (Tune restores its callbacks with their state)."""
     from ray import tune
 
+    from smile_ray.sweep.disk_space import DiskSpaceGuard
     from smile_ray.tracking import MetricsCallback, MlflowSweepCallback
 
     trainable = tune.with_resources(
@@ -81,7 +82,8 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=str(options.output),
                                   failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
-                                  callbacks=[tracker, MetricsCallback(spec.name, metric, mode, final_key="report")],
+                                  callbacks=[tracker, MetricsCallback(spec.name, metric, mode, final_key="report"),
+                                             DiskSpaceGuard(options.output, options.min_free_mib)],
                                   progress_reporter=_reporter(spec, options.output), verbose=options.verbose),
     )
 
