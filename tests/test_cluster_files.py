@@ -201,3 +201,44 @@ def test_nothing_is_exposed_outside_the_cluster():
     assert "--serve-artifacts" in server and "--artifacts-destination" in server
     launcher = (CLUSTER / "ray-cluster.yaml").read_text()
     assert re.search(r"mlflow server[^&]*--host 127\.0\.0\.1", launcher, re.S)
+
+
+K8S_VERSION = "1.31"            # the Kubernetes release whose object schemas the manifests are checked against
+
+
+def _pod(template: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template", **template.get("metadata", {})},
+            "spec": template["spec"]}
+
+
+def _kubernetes_objects() -> list[tuple[str, dict]]:
+    """(where, object) for every Kubernetes object in kuberay/, the RayCluster's and RayJob's pod templates as Pods."""
+    objects = []
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in _docs(path):
+            if doc["kind"] not in ("RayCluster", "RayJob"):
+                objects.append((f"{path.name} {doc['kind']}", doc))
+                continue
+            cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+            objects.append((f"{path.name} head", _pod(cluster["headGroupSpec"]["template"])))
+            objects += [(f"{path.name} {group['groupName']}", _pod(group["template"]))
+                        for group in cluster["workerGroupSpecs"]]
+    return objects
+
+
+@pytest.mark.parametrize("where, obj", _kubernetes_objects(), ids=lambda v: v if isinstance(v, str) else "")
+def test_kubernetes_objects_validate_against_their_schemas(where, obj):
+    """Offline, strictly (no unknown field) against the Kubernetes object schemas that kubernetes-validate ships."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_the_schema_check_catches_a_misspelt_field():
+    import kubernetes_validate
+
+    where, pod = next(o for o in _kubernetes_objects() if o[1]["kind"] == "Pod")
+    pod = json.loads(json.dumps(pod))
+    pod["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
