@@ -19,6 +19,7 @@ Only http(s) tracking URIs are held: a local store (sqlite) has no server to wai
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,10 +33,16 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from smile_ray.errors import without_credentials
 from smile_ray.files import write_json
 from smile_ray.hub import server_unreachable
 
+logger = logging.getLogger(__name__)
+
 RETRY_SECONDS = 5.0                  # how often a writer holding records looks for the server
+
+
+PROBE_SECONDS = 3.0                  # how long a look for the server waits for its answer
 
 
 PLACEHOLDER = "pending-"             # run ids handed out while the server was away
@@ -149,8 +156,11 @@ class TrackingWriter:
         try:
             return self._apply(record)
         except Exception:
-            if self.directory is None or server_unreachable(self.tracking_uri) is None:
+            reason = None if self.directory is None else server_unreachable(self.tracking_uri, PROBE_SECONDS)
+            if reason is None:
                 raise                             # the server answers: the write itself is wrong
+            logger.warning("MLflow tracking server %s does not answer (%s): holding its records in %s until it does",
+                           without_credentials(self.tracking_uri), reason, self.directory)
             self._hold(record)
             self._next_attempt = time.monotonic() + RETRY_SECONDS
             return None
@@ -220,19 +230,21 @@ class TrackingWriter:
         if not records:
             return True
         self._next_attempt = time.monotonic() + RETRY_SECONDS
-        if server_unreachable(self.tracking_uri) is not None:
+        if server_unreachable(self.tracking_uri, PROBE_SECONDS) is not None:
             return False
         done = self._delivered()
         for record in records:
             try:
                 self._apply(record, replay=True)
             except Exception:
-                if server_unreachable(self.tracking_uri) is not None:
+                if server_unreachable(self.tracking_uri, PROBE_SECONDS) is not None:
                     return False                   # gone again: the rest waits for the next attempt
                 raise
             done += 1
             write_json({"records": done}, self.directory / DELIVERED)
         self._clear()
+        logger.warning("MLflow tracking server %s answers again: %d held records delivered",
+                       without_credentials(self.tracking_uri), len(records))
         return True
 
     def _clear(self) -> None:
