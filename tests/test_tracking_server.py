@@ -146,8 +146,8 @@ def sweep_space(path, cache, **method) -> str:
     return str(path)
 
 
-def sweep(space: str, output, server, experiment: str, ray_session) -> int:
-    return tune.main(["--space", space, "--output", str(output), "--tracking-uri", server.uri, "--experiment",
+def sweep(space: str, output, server, experiment: str, ray_session, uri: str | None = None) -> int:
+    return tune.main(["--space", space, "--output", str(output), "--tracking-uri", uri or server.uri, "--experiment",
                       experiment, "--address", ray_session.get_runtime_context().gcs_address])
 
 
@@ -203,7 +203,9 @@ def test_a_sweep_goes_on_while_its_tracking_server_is_away_and_delivers_when_it_
 
 
 def test_a_sweep_whose_server_never_comes_back_ends_with_status_3_and_sync_delivers_later(
-        server, tiny_cache, tmp_path, ray_session, capsys, monkeypatch):
+        server, tiny_cache, tmp_path, ray_session, capsys, caplog, monkeypatch):
+    """... and the credentials in its tracking URI are never printed, logged or written to sweep.json or
+    summary.json (the server takes any: it has no authentication)."""
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         monkeypatch.setenv(name, value)
     space = sweep_space(tmp_path / "space.yaml", tiny_cache, gate_k=[1, 2], k=[4, -1])
@@ -211,9 +213,13 @@ def test_a_sweep_whose_server_never_comes_back_ends_with_status_3_and_sync_deliv
     watcher = threading.Thread(target=lambda: wait_until(lambda: children_by_trial(client, "gone")[1]) and server.stop())
     watcher.start()
     try:
-        code = sweep(space, output, server, "gone", ray_session)
+        code = sweep(space, output, server, "gone", ray_session, server.uri.replace("://", "://smile:s3cret@"))
         watcher.join()
-        lines = capsys.readouterr().err.strip().splitlines()
+        said = capsys.readouterr()
+        lines = said.err.strip().splitlines()
+        assert "s3cret" not in said.out + said.err + caplog.text, said.err[-2000:]
+        assert (output / "sweep.json").exists(), said.err[-2000:]
+        assert not [p for p in ("sweep.json", "summary.json") if "s3cret" in (output / p).read_text()]
         assert code == HELD_EXIT
         assert lines[-1].startswith("error: the MLflow tracking server") and "smile_ray.sync --output" in lines[-1]
         summary = json.loads((output / "summary.json").read_text())

@@ -85,7 +85,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
     if not options.resume:
         refuse_existing_sweep(options.output, options.overwrite)
     check_pools(spec.model_pool, spec.task_pool)
-    if without_credentials(options.tracking_uri) != record.get("tracking_uri", options.tracking_uri):
+    if "tracking_uri" in record and without_credentials(options.tracking_uri) != record["tracking_uri"]:
         options.tracking_uri = record["tracking_uri"]     # a sweep keeps the store it began with (credentials given now)
     options.experiment = record.get("experiment", options.experiment)
     if "svd_cache" in record:
