@@ -75,8 +75,8 @@ class TrackingWriter:
         for line in lines:
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:        # the last line of a journal cut by a crash mid-append
-                break
+            except json.JSONDecodeError:        # a line cut by a crash mid-append (never delivered, never counted)
+                continue
         return records[self._delivered():]
 
     def _delivered(self) -> int:
@@ -172,7 +172,13 @@ class TrackingWriter:
             kept.parent.mkdir(parents=True)
             shutil.move(record["file"], kept)
             record = {**record, "file": str(kept.relative_to(self.directory))}
-        with open(self.directory / JOURNAL, "a", encoding="utf-8") as journal:
+        with open(self.directory / JOURNAL, "a+", encoding="utf-8") as journal:
+            journal.seek(0, os.SEEK_END)
+            if journal.tell():                      # after a line cut by a crash, start a line of its own
+                journal.seek(journal.tell() - 1)
+                cut = journal.read(1) != "\n"
+                journal.seek(0, os.SEEK_END)
+                journal.write("\n" if cut else "")
             journal.write(json.dumps(record) + "\n")
             journal.flush()
             os.fsync(journal.fileno())

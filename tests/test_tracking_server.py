@@ -265,3 +265,13 @@ def test_two_sweeps_at_once_share_a_server_and_an_svd_cache(server, tiny_cache, 
                    for task in json.loads((tmp_path / name / "sweep.json").read_text())["svd_prefill"])
     entries = list(cache.glob("*/*.safetensors"))
     assert computed == len(entries) > 0                        # each SVD once, whichever sweep came first
+
+
+def test_a_journal_line_cut_by_a_crash_is_skipped_and_later_records_kept(tmp_path):
+    writer = TrackingWriter("http://127.0.0.1:9", tmp_path)           # port 9: nothing answers
+    writer._hold({"op": "set_terminated", "run_id": "a", "status": "FINISHED"})
+    with open(tmp_path / outbox.JOURNAL, "a") as journal:
+        journal.write('{"op": "log_ba')                                # the driver died mid-append
+    writer._hold({"op": "update_run", "run_id": "b", "status": "RUNNING"})
+    assert [record["op"] for record in writer._records()] == ["set_terminated", "update_run"]
+    assert not writer.deliver() and writer.held == 2
