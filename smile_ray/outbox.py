@@ -88,6 +88,12 @@ class TrackingWriter:
         """How many records wait for the server."""
         return len(self._records())
 
+    @property
+    def holding(self) -> bool:
+        """Whether records wait for the server (the journal exists until every record is delivered): what each
+        write asks, without reading the journal."""
+        return self.directory is not None and (self.directory / JOURNAL).is_file()
+
     def _ids(self) -> dict[str, str]:
         path = None if self.directory is None else self.directory / IDS
         return json.loads(path.read_text()) if path is not None and path.is_file() else {}
@@ -149,7 +155,7 @@ class TrackingWriter:
     def _write(self, record: dict[str, Any]) -> str | None:
         """Apply `record` now, or hold it: when records are already held (order), or when it fails and the server
         does not answer. Returns what a `create_run` created (None when held)."""
-        if self.directory is not None and self.held:
+        if self.holding:
             self._hold(record)
             self.deliver_if_due()
             return None
@@ -188,7 +194,7 @@ class TrackingWriter:
         args = {key: value if key == "placeholder" else self._resolved(value)       # run ids in tags and files too
                 for key, value in record.items() if key != "op"}
         if op == "create_run":
-            return self._create_run(**args)
+            return self._create_run(**args, replay=replay)
         if op == "log_batch":
             self.client.log_batch(args["run_id"], metrics=[Metric(*m) for m in args["metrics"]],
                                   params=[Param(*p) for p in args["params"]],
@@ -207,17 +213,18 @@ class TrackingWriter:
         directory = str(Path(artifact_file).parent).removeprefix(".") or None
         return artifact_file in {info.path for info in self.client.list_artifacts(run_id, directory)}
 
-    def _create_run(self, placeholder: str, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
-        existing = self._existing_child(experiment_id, tags)
+    def _create_run(self, placeholder: str, experiment_id: str, run_name: str, tags: dict[str, str],
+                    replay: bool) -> str:
+        existing = self._existing_child(experiment_id, tags) if replay else None
         run_id = existing or self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         if self.directory is not None:
             write_json({**self._ids(), placeholder: run_id}, self.directory / IDS)
         return run_id
 
     def _existing_child(self, experiment_id: str, tags: Mapping[str, str]) -> str | None:
-        """A run with the same parent and trial id, created by a delivery that was cut short (only then: a run
-        created directly has no placeholder to map)."""
-        if self.directory is None or not self.held or MLFLOW_PARENT_RUN_ID not in tags or "trial_id" not in tags:
+        """A run with the same parent and trial id, created by a delivery that was cut short (asked on delivery only:
+        a run created directly has no placeholder to map)."""
+        if MLFLOW_PARENT_RUN_ID not in tags or "trial_id" not in tags:
             return None
         query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{tags[MLFLOW_PARENT_RUN_ID]}' AND tags.trial_id = '{tags['trial_id']}'"
         found = self.client.search_runs([experiment_id], filter_string=query, max_results=1)
@@ -227,13 +234,15 @@ class TrackingWriter:
 
     def deliver_if_due(self) -> None:
         """`deliver` when records are held and the last attempt is `RETRY_SECONDS` old."""
-        if self.directory is not None and time.monotonic() >= self._next_attempt and self.held:
+        if time.monotonic() >= self._next_attempt and self.holding:
             self.deliver()
 
     def deliver(self) -> bool:
         """Deliver the held records in order, if the server answers; True when none is left."""
         records = self._records()
         if not records:
+            if self.holding:
+                self._clear()                      # all delivered, then cut short before the journal went
             return True
         self._next_attempt = time.monotonic() + RETRY_SECONDS
         if server_unreachable(self.tracking_uri, PROBE_SECONDS) is not None:

@@ -1,5 +1,6 @@
 """What the driver records about a sweep, through Ray Tune callbacks: MLflow runs (`MlflowSweepCallback`) and the
-sweep-level Ray metrics of `smile_ray.metrics` (`MetricsCallback`: trials ended, best score so far).
+sweep-level Ray metrics of `smile_ray.metrics` (`MetricsCallback`: trials ended, best score so far); and
+`DiskSpaceGuard`, which stops a sweep whose --output is filling up (smile_ray.sweep.disk_space).
 
 Layout: one parent run per sweep (the space as `space.yaml`, best-trial metrics, plots) and one child run per trial
 (tag `mlflow.parentRunId`; params = the flattened trial config; every numeric result as a metric at step
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -33,13 +35,14 @@ from ray import tune
 
 from smile_ray.errors import SmileError, last_line, without_credentials
 from smile_ray.metrics import SweepMetrics
-from smile_ray.outbox import TrackingWriter
 from smile_ray.mlflow_runs import (EXPERIMENT_KIND_TAG, MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_TAG_LENGTH,
                                    MODEL_TRAINING, SweepRuns, absolute_sqlite_uri, children_of,
                                    default_artifact_location, flatten_config, git_commit, metric_key, number,
                                    param_value, plain, ray_job_id, result_metrics, run_name)
+from smile_ray.outbox import TrackingWriter
 from smile_ray.plots import best_point, plot_routing, sweep_figures
 from smile_ray.report import flatten_metrics, task_names
+from smile_ray.sweep.disk_space import free_mib
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +245,7 @@ class MlflowSweepCallback(tune.Callback):
         """The trial's child run, created on first sight, else reopened (RUNNING)."""
         trial_id = str(trial.trial_id)
         run_id = self.run_ids.get(trial_id)
-        if run_id is None and self.resumed and not self.writer.held:   # held: the delivery finds an existing child
+        if run_id is None and self.resumed and not self.writer.holding:   # held: the delivery finds an existing child
             run_id = children_of(self.client, self.experiment_id, self.parent_run_id, trial_id).get(trial_id)
         if run_id is not None:
             self.run_ids[trial_id] = run_id
@@ -474,3 +477,27 @@ class MetricsCallback(tune.Callback):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
+
+
+class DiskSpaceGuard(tune.Callback):
+    """Stops the sweep (SIGINT to the driver, Tune's own Ctrl-C path) once --output has less than `min_free` MiB
+    free; checked at most every `interval` seconds of Tune's loop."""
+
+    def __init__(self, output: str | os.PathLike, min_free: float, interval: float = 1.0) -> None:
+        self.output, self.min_free, self.interval = Path(output), min_free, interval
+        self._next = 0.0
+        self._stopping = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_next": 0.0, "_stopping": False}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if self._stopping or now < self._next:
+            return
+        self._next = now + self.interval
+        if free_mib(self.output) < self.min_free:
+            self._stopping = True
+            logger.warning("--output %s is nearly full (under %g MiB free): stopping the sweep, its state saved",
+                           self.output, self.min_free)
+            os.kill(os.getpid(), signal.SIGINT)

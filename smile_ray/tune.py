@@ -167,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     print(mlflow_hint(options.tracking_uri, options.experiment))
     held = summary["mlflow"]["held_records"]
     if held:
+        needs_credentials = (" --tracking-uri <the tracking URI with its credentials>"
+                             if without_credentials(options.tracking_uri) != options.tracking_uri else "")
         print(f"error: the MLflow tracking server {without_credentials(options.tracking_uri)} did not answer: {held} "
               f"records are held in {options.output / OUTBOX_DIR}; deliver them with: python -m smile_ray.sync "
-              f"--output {options.output}", file=sys.stderr)
+              f"--output {options.output}{needs_credentials}", file=sys.stderr)
         return HELD_EXIT
     return 0
 

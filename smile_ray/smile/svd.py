@@ -200,14 +200,17 @@ class SvdCache:
         """Key of one decomposition: layer name, W0 and Wᵢ contents, and what was decomposed ('diff' or 'weight')."""
         return xxhash.xxh3_128(f"{layer}\0{base_digest}\0{expert_digest}\0{what}".encode()).hexdigest()
 
-    def get(self, key: str, rank: int, shape: tuple[int, int] | None = None) -> Factors | None:
+    def get(self, key: str, rank: int, shape: tuple[int, int] | None = None, warn: bool = True) -> Factors | None:
         """Cached factors truncated to `rank`, or None when absent or cached at a smaller rank. A damaged entry (a
         truncated or empty file, missing tensors, or factors that do not fit `shape`, the decomposed matrix's) is
-        None too, with a warning naming the file: the caller recomputes it and `put` replaces it."""
+        None too, with a warning naming the file (unless not `warn`): the caller recomputes it and `put` replaces
+        it."""
         try:
             factors = self._read(key, shape)
         except DamagedEntry as damage:
-            warnings.warn(f"SVD cache entry {self._path(key)} is damaged ({damage}); recomputing it", stacklevel=3)
+            if warn:
+                warnings.warn(f"SVD cache entry {self._path(key)} is damaged ({damage}); recomputing it",
+                              stacklevel=3)
             return None
         if factors is None or (factors.rank < rank and not factors.complete):
             return None
@@ -302,14 +305,16 @@ class Decomposer:
         computing the same key meanwhile is waited for (`SvdCache.claim`)."""
         if self.cache is None:
             return self._compute(matrix, rank)
-        with self.cache.claim(key):
-            cached = self.cache.get(key, rank, tuple(matrix.shape))
-            if cached is not None:
-                self.stats.add(hits=1)
-                return cached
-            factors = self._compute(matrix, rank)
-            self.cache.put(key, factors)
-            return factors
+        cached = self.cache.get(key, rank, tuple(matrix.shape))
+        if cached is None:
+            with self.cache.claim(key):              # a hit takes no lock: only a computation is claimed
+                cached = self.cache.get(key, rank, tuple(matrix.shape), warn=False)   # computed by its holder?
+                if cached is None:
+                    factors = self._compute(matrix, rank)
+                    self.cache.put(key, factors)
+                    return factors
+        self.stats.add(hits=1)
+        return cached
 
     def _compute(self, matrix: torch.Tensor, rank: int) -> Factors:
         start = time.perf_counter()

@@ -2,24 +2,17 @@
 
 A disk that fills up under a sweep would fail its writes half-way (Tune's experiment state, trial results, a sqlite
 MLflow store in --output), leaving files that `--resume` cannot read. So a sweep keeps a reserve: it refuses to
-start with less than `min_free_mib` free, and `DiskSpaceGuard` stops it, as Ctrl-C does (Tune saves its state and
-every unfinished trial waits for `--resume`), as soon as the free space falls below the reserve, while writes still
-succeed.
+start with less than `min_free_mib` free, and `smile_ray.tracking.DiskSpaceGuard` stops it, as Ctrl-C does (Tune
+saves its state and every unfinished trial waits for `--resume`), as soon as the free space falls below the reserve,
+while writes still succeed.
 """
 from __future__ import annotations
 
-import logging
 import os
-import signal
-import time
 from pathlib import Path
-from typing import Any
-
-from ray import tune
 
 from smile_ray.errors import OutputFull, SmileError
-
-logger = logging.getLogger(__name__)
+from smile_ray.sweep.record import DEFAULT_MIN_FREE_MIB
 
 
 def free_mib(path: Path) -> float:
@@ -33,7 +26,8 @@ def output_full(output: Path, min_free: float) -> OutputFull:
     """What the driver raises once `DiskSpaceGuard` stopped the sweep."""
     return OutputFull(f"--output {output}: only {free_mib(output):.0f} MiB free on its file system (the sweep keeps "
                       f"{min_free:g} MiB, --min-free-mib); the sweep stopped with its state saved: free some space "
-                      f"and continue with: python -m smile_ray.tune --resume --output {output}")
+                      f"and continue with: python -m smile_ray.tune --resume --output {output}"
+                      + ("" if min_free == DEFAULT_MIN_FREE_MIB else f" --min-free-mib {min_free:g}"))
 
 
 def check_free_space(output: Path, min_free: float) -> None:
@@ -41,27 +35,3 @@ def check_free_space(output: Path, min_free: float) -> None:
     if free_mib(output) < min_free:
         raise SmileError(f"--output {output}: only {free_mib(output):.0f} MiB free on its file system; a sweep needs "
                          f"{min_free:g} MiB (--min-free-mib) to write its state safely")
-
-
-class DiskSpaceGuard(tune.Callback):
-    """Stops the sweep (SIGINT to the driver, Tune's own Ctrl-C path) once --output has less than `min_free` MiB
-    free; checked at most every `interval` seconds of Tune's loop."""
-
-    def __init__(self, output: str | os.PathLike, min_free: float, interval: float = 1.0) -> None:
-        self.output, self.min_free, self.interval = Path(output), min_free, interval
-        self._next = 0.0
-        self._stopping = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_next": 0.0, "_stopping": False}
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        now = time.monotonic()
-        if self._stopping or now < self._next:
-            return
-        self._next = now + self.interval
-        if free_mib(self.output) < self.min_free:
-            self._stopping = True
-            logger.warning("--output %s is nearly full (under %g MiB free): stopping the sweep, its state saved",
-                           self.output, self.min_free)
-            os.kill(os.getpid(), signal.SIGINT)

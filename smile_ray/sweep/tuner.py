@@ -53,8 +53,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
     """A new Tuner, or the restored one when resuming (Tune restores its callbacks with their state)."""
     from ray import tune
 
-    from smile_ray.sweep.disk_space import DiskSpaceGuard
-    from smile_ray.tracking import MetricsCallback, MlflowSweepCallback
+    from smile_ray.tracking import DiskSpaceGuard, MetricsCallback, MlflowSweepCallback
 
     trainable = tune.with_resources(
         tune.with_parameters(smile_trial, pools=pools, svd_cache=str(options.svd_cache_dir),
