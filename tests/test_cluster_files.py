@@ -242,3 +242,57 @@ def test_the_schema_check_catches_a_misspelt_field():
     pod["spec"]["containers"][0]["imagePullPolcy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+KUBERAY_RELEASE = "1.6.2"       # the KubeRay release cluster/README.md names; its RayCluster / RayJob schema is test data
+KUBERAY_SCHEMA = ROOT / "tests" / "data" / f"kuberay_v{KUBERAY_RELEASE}.schema.yaml"
+
+
+def _kuberay_validator(kind: str):
+    """A strict validator for one KubeRay kind: KubeRay's fields from the test data, Kubernetes' own types (pod
+    templates, services, env vars) from the object schemas kubernetes-validate ships for K8S_VERSION."""
+    import jsonschema
+    from kubernetes_validate.utils import schema_contents
+    from referencing import Registry, Resource
+
+    kuberay = yaml.safe_load(KUBERAY_SCHEMA.read_text())
+    kubernetes = schema_contents(f"kubernetes-json-schema/v{K8S_VERSION}.0-local-strict/_definitions.json", K8S_VERSION)
+    registry = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema)) for schema in (kuberay, kubernetes))
+    return jsonschema.Draft202012Validator({"$ref": f"{kuberay['$id']}#/$defs/{kind}"}, registry=registry)
+
+
+def _kuberay_errors(doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in _kuberay_validator(doc["kind"]).iter_errors(doc)]
+
+
+@pytest.mark.parametrize("path, kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
+def test_kuberay_manifests_validate_against_the_crd_schema_of_the_named_release(path, kind):
+    assert f"KubeRay v{KUBERAY_RELEASE}" in (CLUSTER / "README.md").read_text()
+    assert _kuberay_errors(_one(KUBERAY / path, kind)) == []
+
+
+def _set(doc: dict, path: str, value) -> dict:
+    doc = json.loads(json.dumps(doc))
+    *parents, last = path.split(".")
+    node = doc
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+    return doc
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("spec.workerGroupSpec", [], "Additional properties"),                    # a misspelt KubeRay field
+    ("spec.headGroupSpec.rayStartParams.num-cpus", 0, "is not of type 'string'"),   # KubeRay wants strings here
+    ("spec.authOptions.mode", "Token", "is not one of"),
+    ("spec.workerGroupSpecs.0.maxReplicas", "8", "is not of type 'integer'"),
+    ("spec.workerGroupSpecs.0.template.spec.containers.0.imagePullPolcy", "Always", "Additional properties"),
+    ("spec.headGroupSpec.template.spec.volumes.0.emptyDir.sizeLimit", [], "is not valid"),
+])
+def test_the_crd_schema_check_refuses_what_kubectl_would(path, value, expected):
+    """Each mistake is one the API server refuses under kubectl's strict field validation, inside KubeRay's own
+    fields and inside the Kubernetes types they embed (a pod template's container)."""
+    errors = _kuberay_errors(_set(_one(KUBERAY / "raycluster.yaml", "RayCluster"), path, value))
+    assert errors and any(expected in error for error in errors), errors
