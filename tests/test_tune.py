@@ -120,7 +120,7 @@ def test_failing_trial_is_retried_then_marked_failed_and_the_sweep_completes(ray
     assert MlflowClient(uri).get_run(trial["mlflow_run_id"]).info.status == "FAILED"
 
 
-def test_resume_after_ctrl_c_or_a_killed_driver_reruns_no_finished_trial(ray_session, tiny_cache, tmp_path):
+def test_resume_after_ctrl_c_or_a_killed_driver_reruns_no_finished_trial(ray_session, tiny_cache, tmp_path, capsys):
     space = write_space(tmp_path / "space.yaml", tiny_cache, {"name": "smile", "gate_k": [1, 2, 3, 4], "k": [2, 4]},
                         search={"max_concurrent": 1})
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -152,12 +152,12 @@ def test_resume_after_ctrl_c_or_a_killed_driver_reruns_no_finished_trial(ray_ses
                if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED"
 
-    changed = subprocess.run(command + ["--resume", "--set", "method.k=[2,8]"], capture_output=True, text=True)
-    assert changed.returncode == 2 and "--resume: the space differs at method.k" in changed.stderr
+    capsys.readouterr()                                     # refusals (in-process: they happen before Ray)
+    assert main([*command[3:], "--resume", "--set", "method.k=[2,8]"]) == 2
+    assert "--resume: the space differs at method.k" in capsys.readouterr().err
     shutil.copytree(out, tmp_path / "copy")                  # its Tune state and MLflow records point at `out`
-    copied = subprocess.run([sys.executable, "-m", "smile_ray.tune", "--output", str(tmp_path / "copy"), "--resume"],
-                            capture_output=True, text=True)
-    assert copied.returncode == 2 and f"was started in {out} and copied or moved since" in copied.stderr
+    assert main(["--output", str(tmp_path / "copy"), "--resume"]) == 2
+    assert f"was started in {out} and copied or moved since" in capsys.readouterr().err
 
     stop_after(resume, len(finished_trials()) + 1, signal.SIGKILL)        # a killed driver
     before = finished_trials()
