@@ -21,6 +21,7 @@ from smile_ray.errors import SmileError
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_FILE = "model.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_SAFETENSORS, ADAPTER_PICKLE = "adapter_model.safetensors", "adapter_model.bin"     # a PEFT adapter's weights
 MAX_HEADER_BYTES = 100 << 20          # safetensors' own limit on the JSON header
 
 Shapes = dict[str, tuple[str, list[int]]]      # weight name → (dtype, shape), from a safetensors header
@@ -130,6 +131,13 @@ def model_type(directory: Path) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else None
 
 
+def pickle_refused(path: Path | str, allow_pickle: bool | None) -> SmileError:
+    """The refusal of a pickle checkpoint (`Source.allow_pickle` False: the pool may allow it; None: it may not)."""
+    advice = ("save it as safetensors (save_pretrained), or set model_pool.allow_pickle: true if you trust its author"
+              if allow_pickle is False else "save it as safetensors (save_pretrained): this pool reads safetensors only")
+    return SmileError(f"{path} is a pickle checkpoint, which can run code when it loads: {advice}")
+
+
 def check_local_model(source: Source, base_type: str | None = None) -> tuple[str | None, Shapes]:
     """A local save_pretrained directory of an accepted architecture (`source.model_types`, else `base_type`) whose
     safetensors are whole, and not a pickle-only checkpoint unless the user allowed those; returns its model_type
@@ -145,10 +153,7 @@ def check_local_model(source: Source, base_type: str | None = None) -> tuple[str
         files = weight_files(directory)
         if not files and not source.allow_pickle:
             pickled = next(directory / name for name in PICKLE_FILES if (directory / name).is_file())
-            advice = ("save it as safetensors (save_pretrained), or set model_pool.allow_pickle: true if you trust "
-                      "its author" if source.allow_pickle is False
-                      else "save it as safetensors (save_pretrained): this pool reads safetensors only")
-            raise SmileError(f"{pickled} is a pickle checkpoint, which can run code when it loads: {advice}")
+            raise pickle_refused(pickled, source.allow_pickle)
         for path in files:
             shapes.update(safetensors_shapes(path))
     except SmileError as error:
@@ -176,7 +181,9 @@ def check_adapter(source: Source, base: Source | None, base_shapes: Shapes | Non
     if base is not None and named and not same_model(str(named), base.location):
         raise SmileError(f"{source.field}: the adapter in {source.location!r} was made for {named!r}, not the pool's "
                          f"base {base.location!r}")
-    weights = directory / "adapter_model.safetensors"
+    weights = directory / ADAPTER_SAFETENSORS
+    if not weights.is_file() and (directory / ADAPTER_PICKLE).is_file() and not source.allow_pickle:
+        raise SmileError(f"{source.field}: {pickle_refused(directory / ADAPTER_PICKLE, source.allow_pickle)}")
     if not weights.is_file() or not base_shapes:
         return
     try:

@@ -40,10 +40,35 @@ def test_a_lora_expert_is_merged_and_carries_a_task_vector_only_where_it_trained
     assert changed and all(name.endswith((".q.weight", ".v.weight")) for name in changed)
 
 
+def pickled(adapter) -> None:
+    """The adapter's weights saved as adapter_model.bin (a pickle, as older peft wrote them) instead of safetensors."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+
+
+def test_a_pickled_adapter_loads_only_when_the_pool_allows_pickles(tiny_text_bench, tmp_path):
+    """Refused by the loader too (a hub adapter is not checked up front), and read as its safetensors twin when
+    allowed."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_text_bench.lora["rte"], adapter)
+    pickled(adapter)
+    section = {"kind": "seq2seq", "base": str(tiny_text_bench.base_dir), "experts": {"rte": str(adapter)}}
+    with pytest.raises(SmileError, match=r"^model_pool.experts.rte: .*adapter_model.bin is a pickle checkpoint"):
+        parse_pool(section, "model_pool").load().load_expert("rte")
+    allowed = parse_pool({**section, "allow_pickle": True}, "model_pool").load().load_expert("rte")
+    twin = parse_pool({**section, "experts": {"rte": str(tiny_text_bench.lora["rte"])}}, "model_pool").load()
+    assert all(torch.equal(a, b) for a, b in zip(allowed.state_dict().values(),
+                                                 twin.load_expert("rte").state_dict().values()))
+
+
 @pytest.mark.parametrize("case, message", [
     ("another_base", "was made for '/elsewhere/t5-small', not the pool's base"),
     ("wider_targets", "does not fit"),
     ("no_tokenizer", "model_pool.base (its tokenizer): "),
+    ("pickled_adapter", "adapter_model.bin is a pickle checkpoint, which can run code when it loads: save it as "
+                        "safetensors (save_pretrained), or set model_pool.allow_pickle: true"),
 ])
 def test_pool_mismatches_are_one_line_in_run_and_in_a_sweep(case, message, tiny_text_bench, tmp_path, capsys):
     base, adapter = tmp_path / "base", tmp_path / "adapter"
@@ -64,6 +89,8 @@ def test_pool_mismatches_are_one_line_in_run_and_in_a_sweep(case, message, tiny_
     if case == "no_tokenizer":
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (base / name).unlink()
+    if case == "pickled_adapter":
+        pickled(adapter)
     space = {"model_pool": {"kind": "seq2seq", "base": str(base), "experts": {"rte": str(adapter)}},
              "task_pool": {"kind": "glue_text_generation", "max_samples": 4,
                            "tasks": [{"name": "rte", "dataset": str(tiny_text_bench.data["rte"])}]},

@@ -10,6 +10,7 @@ from smile_ray.errors import SmileError
 from smile_ray.hub import hub_has_file, load_pretrained
 from smile_ray.kinds.seq2seq import Seq2SeqConfig
 from smile_ray.pools import load_tokenizer
+from smile_ray.sources import ADAPTER_PICKLE, ADAPTER_SAFETENSORS, pickle_refused
 from smile_ray.smile.weights import check_finite_weights
 
 
@@ -34,11 +35,19 @@ class Seq2SeqPool:
         return load_seq2seq(self.config.base, field="model_pool.base", dtype=self.torch_dtype,
                             revision=self.config.revision, allow_pickle=self.config.allow_pickle)
 
-    def is_adapter(self, name: str) -> bool:
+    def _has_file(self, name: str, filename: str) -> bool:
+        """Whether expert `name` (a directory or a hub id) holds `filename` (a hub that cannot be asked: no)."""
         source = self.config.experts[name]
         if os.path.isdir(source):
-            return os.path.isfile(os.path.join(source, "adapter_config.json"))
-        return hub_has_file(source, "adapter_config.json", revision=self.config.revision)
+            return os.path.isfile(os.path.join(source, filename))
+        return hub_has_file(source, filename, revision=self.config.revision)
+
+    def is_adapter(self, name: str) -> bool:
+        return self._has_file(name, "adapter_config.json")
+
+    def adapter_is_pickle_only(self, name: str) -> bool:
+        """Whether the adapter's weights are adapter_model.bin alone, which peft would unpickle."""
+        return self._has_file(name, ADAPTER_PICKLE) and not self._has_file(name, ADAPTER_SAFETENSORS)
 
     def load_expert(self, name: str) -> torch.nn.Module:
         if name not in self.config.experts:
@@ -48,6 +57,9 @@ class Seq2SeqPool:
             return load_seq2seq(source, field=field, dtype=self.torch_dtype, revision=self.config.revision,
                                 allow_pickle=self.config.allow_pickle)
         from peft import PeftModel
+
+        if not self.config.allow_pickle and self.adapter_is_pickle_only(name):
+            raise SmileError(f"{field}: {pickle_refused(f'{source}/{ADAPTER_PICKLE}', False)}")
 
         def merged(adapter: str, **hub_kwargs) -> torch.nn.Module:
             base = load_seq2seq(self.config.base, field="model_pool.base", dtype=torch.float32,
