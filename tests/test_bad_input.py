@@ -186,3 +186,34 @@ def test_a_non_finite_weight_is_named(value):
         model[0].weight[1, 2] = value
     with pytest.raises(SmileError, match=r"^model_pool.experts.x: weight 0.weight holds NaN or inf$"):
         check_finite_weights(model, "model_pool.experts.x")
+
+
+def test_an_unreadable_image_is_refused_alike_by_run_and_by_a_sweep(tiny_bench, tmp_path, capsys, ray_session):
+    """A dataset with one image whose bytes do not decode: one line naming the task, the dataset and the sample."""
+    import datasets
+
+    task = tiny_bench.tasks[0]
+    data = datasets.load_from_disk(task.dataset)
+    split = data[task.split] if isinstance(data, datasets.DatasetDict) else data
+    raw = split.cast_column("image", datasets.Image(decode=False))
+    damaged = raw.map(lambda row, i: {"image": {"bytes": b"not an image" if i == 3 else row["image"]["bytes"],
+                                                "path": None}}, with_indices=True)
+    damaged = damaged.cast_column("image", datasets.Image())
+    damaged_dir = tmp_path / "damaged"
+    (datasets.DatasetDict({task.split: damaged}) if isinstance(data, datasets.DatasetDict) else damaged) \
+        .save_to_disk(str(damaged_dir))
+    config = configuration(tiny_bench, tiny_bench.experts["word"])
+    config["task_pool"]["tasks"][0]["dataset"] = str(damaged_dir)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert run.main(["--config", str(tmp_path / "config.yaml"), "--report", str(tmp_path / "r.json"),
+                     "--no-svd-cache"]) == 2
+    said_run = capsys.readouterr().err.strip()
+    assert tune.main(["--space", str(tmp_path / "config.yaml"), "--output", str(tmp_path / "out"),
+                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                      "--address", ray_session.get_runtime_context().gcs_address]) == 2
+    said_sweep = capsys.readouterr().err.strip()
+    assert said_run == said_sweep and "\n" not in said_run and "0x" not in said_run, (said_run, said_sweep)
+    assert said_run.startswith(f"error: task {task.name}: dataset {str(damaged_dir)!r}: sample 3 (image) is not a "
+                               "readable image: UnidentifiedImageError: cannot identify image file"), said_run
+    assert not any(p.exists() for p in (tmp_path / "r.json", tmp_path / "out", tmp_path / "mlflow.db"))

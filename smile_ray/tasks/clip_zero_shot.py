@@ -11,12 +11,14 @@ rescale and normalise run per batch on the evaluation device.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,6 +118,19 @@ def _checked(ds: datasets.Dataset, task: ClipTask, where: str, max_samples: int 
         raise SmileError(f"{where}: labels must be integers in [0, {num_classes}), "
                          f"got {labels.dtype} in [{labels.min()}, {labels.max()}]")
     return ds
+
+
+def unreadable_sample(dataset: datasets.Dataset, task: ClipTask, rows: range, error: Exception) -> SmileError:
+    """The refusal of a dataset with an image that cannot be decoded, naming the first such sample among `rows`."""
+    where = f"task {task.name}: dataset {task.dataset!r}"
+    for row in rows:
+        try:
+            dataset[row][task.image_column].convert("RGB")
+        except Exception as found:  # noqa: BLE001 -- whatever stops the image from decoding is the answer
+            said = re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", str(found))      # no "<_io.BytesIO object at 0x…>"
+            return SmileError(f"{where}: sample {row} ({task.image_column}) is not a readable image: "
+                              f"{type(found).__name__}: {said}")
+    return SmileError(f"{where}: samples {rows.start}–{rows.stop - 1} could not be read: {type(error).__name__}: {error}")
 
 
 class ImageGeometry:
@@ -246,10 +261,13 @@ class ClipZeroShotTaskPool(EvaluatorBase):
                             collate_fn=ImageGeometry(self.processor, task.image_column, task.label_column))
         chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
         caching = self.cache_images and whole
-        for pixels, labels in loader:
-            if caching:
-                chunks.append((pixels, labels))
-            yield pixels, labels
+        try:
+            for pixels, labels in loader:
+                if caching:
+                    chunks.append((pixels, labels))
+                yield pixels, labels
+        except (OSError, PIL.Image.DecompressionBombError) as error:      # PIL's UnidentifiedImageError is an OSError
+            raise unreadable_sample(data.dataset, task, range(start, stop), error) from None
         if caching:
             data.pixels = torch.cat([p for p, _ in chunks]).numpy()
             data.labels = torch.cat([y for _, y in chunks]).numpy()
