@@ -11,11 +11,12 @@ retries for minutes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import urllib.parse
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal, TypeVar
 
 import huggingface_hub
@@ -178,3 +179,25 @@ def check_server(tracking_uri: str, timeout: float = 10.0) -> None:
     if reason is not None:
         raise SmileError(f"MLflow tracking URI {without_credentials(tracking_uri)}: no server answers ({reason}); "
                          f"start one (mlflow server) or choose another --tracking-uri")
+
+
+@contextlib.contextmanager
+def credentials_in_environment(tracking_uri: str) -> Iterator[str]:
+    """Yield `tracking_uri` without its user:password@, which go to MLFLOW_TRACKING_USERNAME / _PASSWORD meanwhile
+    (MLflow's own way to authenticate; the caller's values are put back afterwards). A sweep keeps the URI without
+    them, so nothing it saves holds them: Tune's experiment state pickles the MLflow callback."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.username is None and parts.password is None:
+        yield tracking_uri
+        return
+    names = {"MLFLOW_TRACKING_USERNAME": parts.username, "MLFLOW_TRACKING_PASSWORD": parts.password}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: urllib.parse.unquote(value) for name, value in names.items() if value is not None})
+    try:
+        yield without_credentials(tracking_uri)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -136,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         output = Path(args.output or Path("smile_runs") / spec.name).resolve()
         tracking_uri = args.tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
-        options = SweepOptions(output=output, tracking_uri=tracking_uri, address=args.address, resume=args.resume,
-                               overwrite=args.overwrite, resource_wait_s=args.wait_for_resources,
-                               experiment=args.experiment or spec.tracking["experiment"],
-                               svd_cache=Path(args.svd_cache).resolve() if args.svd_cache else None,
-                               min_free_mib=args.min_free_mib)
-        summary = run_sweep(spec, options)
+        from smile_ray.hub import credentials_in_environment
+
+        with credentials_in_environment(tracking_uri) as plain_uri:
+            options = SweepOptions(output=output, tracking_uri=plain_uri, address=args.address, resume=args.resume,
+                                   overwrite=args.overwrite, resource_wait_s=args.wait_for_resources,
+                                   experiment=args.experiment or spec.tracking["experiment"],
+                                   svd_cache=Path(args.svd_cache).resolve() if args.svd_cache else None,
+                                   min_free_mib=args.min_free_mib)
+            summary = run_sweep(spec, options)
     except SmileError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
@@ -168,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     held = summary["mlflow"]["held_records"]
     if held:
         needs_credentials = (" --tracking-uri <the tracking URI with its credentials>"
-                             if without_credentials(options.tracking_uri) != options.tracking_uri else "")
-        print(f"error: the MLflow tracking server {without_credentials(options.tracking_uri)} did not answer: {held} "
+                             if options.tracking_uri != tracking_uri else "")
+        print(f"error: the MLflow tracking server {options.tracking_uri} did not answer: {held} "
               f"records are held in {options.output / OUTBOX_DIR}; deliver them with: python -m smile_ray.sync "
               f"--output {options.output}{needs_credentials}", file=sys.stderr)
         return HELD_EXIT

@@ -1,6 +1,7 @@
 """A sweep's MLflow records when the tracking server is a real `mlflow server` that goes away and comes back: the
 callback holds what the server could not take on disk and delivers it, in order and once (smile_ray.outbox)."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,19 @@ def test_a_write_the_server_refuses_while_it_answers_is_an_error_not_held(runnin
     assert writer.held == 0
 
 
+def test_credentials_in_a_tracking_uri_move_to_mlflows_environment_variables_meanwhile(monkeypatch):
+    from smile_ray.hub import credentials_in_environment
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "someone")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with credentials_in_environment("https://smile:s%40cret@mlflow.example:5000/path") as uri:
+        assert uri == "https://mlflow.example:5000/path"
+        assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("smile", "s@cret")
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "someone" and "MLFLOW_TRACKING_PASSWORD" not in os.environ
+    with credentials_in_environment("sqlite:///runs/mlflow.db") as uri:
+        assert uri == "sqlite:///runs/mlflow.db" and os.environ["MLFLOW_TRACKING_USERNAME"] == "someone"
+
+
 def test_a_local_store_is_never_held(tmp_path):
     writer = TrackingWriter(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "outbox")
     assert writer.directory is None
@@ -221,7 +235,7 @@ def test_a_sweep_whose_server_never_comes_back_ends_with_status_3_and_sync_deliv
         lines = said.err.strip().splitlines()
         assert "s3cret" not in said.out + said.err + caplog.text, said.err[-2000:]
         assert (output / "sweep.json").exists(), said.err[-2000:]
-        assert not [p for p in ("sweep.json", "summary.json") if "s3cret" in (output / p).read_text()]
+        assert not [p for p in output.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]  # Tune's state too
         assert code == HELD_EXIT
         assert lines[-1].startswith("error: the MLflow tracking server") and "smile_ray.sync --output" in lines[-1]
         summary = json.loads((output / "summary.json").read_text())
