@@ -117,3 +117,36 @@ def test_a_base_that_is_not_a_causal_lm_is_refused(pool, tmp_path, capsys):
     assert run.main(["--config", write(tmp_path, config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model_pool.base: ") and "holds a t5 model, not mistral or llama or qwen2" in err
+
+
+def nan_in_the_final_norm(path, pool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pool["experts"]["expert0"])
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(path)
+
+
+def test_nan_outside_the_linear_layers_is_refused_before_the_first_trial(pool, tmp_path, capsys, ray_session):
+    """The SVD prefill reads only linear layers; the same task reads what is left of every model, so a sweep refuses
+    a damaged model up front (one line, exit 2, --output removed), as `run` does when its method reads that weight
+    (averaging reads every weight). A SMILE sweep refuses it too: every model of the pool is read once before the
+    first trial, though SMILE keeps the base's norms."""
+    nan_in_the_final_norm(tmp_path / "bad", pool)
+    capsys.readouterr()
+    said = {}
+    for method in ("simple_average", "smile"):
+        config = write(tmp_path, space(pool, {"name": "simple_average"} if method == "simple_average" else None,
+                                       bad=str(tmp_path / "bad")))
+        if method == "simple_average":
+            assert run.main(["--config", config, "--no-svd-cache"]) == 2
+            said["run"] = capsys.readouterr().err.strip()
+        assert tune.main(["--space", config, "--output", str(tmp_path / "out"),
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                          "--address", ray_session.get_runtime_context().gcs_address]) == 2
+        said[method] = capsys.readouterr().err.strip()
+        assert not any(p.exists() for p in (tmp_path / "out", tmp_path / "mlflow.db"))
+    assert said["run"] == said["simple_average"] == said["smile"] and "\n" not in said["run"], said
+    assert said["run"].startswith("error: model_pool.experts.bad: ") and "weight model.norm.weight holds NaN or inf" \
+        in said["run"], said["run"]

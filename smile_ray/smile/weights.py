@@ -100,6 +100,7 @@ class CheckpointWeights:
                              "streamed upscaling reads safetensors")
         self.entries = {name: (path, entry) for path in files for name, entry in safetensors_entries(path).items()}
         self.model_class = model_class or causal_lm_class(self.config)
+        self._read: set[str] = set()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(entry.shape) for name, (_, entry) in self.entries.items()}
@@ -119,7 +120,15 @@ class CheckpointWeights:
         tensor = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(entry.shape)
         if not is_finite(tensor):
             raise SmileError(f"{self.field}: {path}: weight {name} holds NaN or inf")
+        self._read.add(name)
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def check_unread(self) -> None:
+        """Read every weight not read yet, one at a time, and let it go: each is checked as it is read (NaN, inf,
+        a short file), so a damaged checkpoint is refused before a trial would read it."""
+        for name in self.entries:
+            if name not in self._read:
+                self.tensor(name)
 
     def skeleton(self) -> nn.Module:
         """The architecture with every parameter on the meta device (buffers real, as the model computes them)."""

@@ -67,7 +67,8 @@ def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
             jobs.setdefault(expert, []).append((name, entry))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and spec.resources["gpu"] > 0 else 0
     task = ray.remote(prefill_expert).options(num_cpus=1, num_gpus=gpus, name="smile_svd_prefill")
-    return [task.remote(models, expert, plan, str(svd_cache), spec.name) for expert, plan in jobs.items()]
+    return [task.remote(models, expert, plan, str(svd_cache), spec.name, check_base=i == 0)
+            for i, (expert, plan) in enumerate(jobs.items())]
 
 
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:

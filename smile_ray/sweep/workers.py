@@ -22,10 +22,12 @@ def _device() -> str:
 
 
 def prefill_expert(models, expert: str | None, plan: list[tuple[str, dict]], svd_cache: str,
-                   sweep: str) -> dict[str, Any]:
+                   sweep: str, check_base: bool = False) -> dict[str, Any]:
     """Compute one expert's share of the sweep's SVD prefill into the cache (expert None: what is computed on the
-    pretrained model alone); `plan` holds (method name, keyword arguments) pairs (`SweepSpec.prefill_plan`). Runs
-    as a Ray task; returns what it computed."""
+    pretrained model alone); `plan` holds (method name, keyword arguments) pairs (`SweepSpec.prefill_plan`). Then
+    read what is left of the expert's checkpoint (and of the base's, with `check_base`) when its pool streams
+    weights from the files, so every weight is checked before the first trial. Runs as a Ray task; returns what it
+    computed."""
     import torch
 
     from smile_ray.hub import quiet_transformers
@@ -43,6 +45,9 @@ def prefill_expert(models, expert: str | None, plan: list[tuple[str, dict]], svd
         for name, entry in plan:
             info = get_method(name).prefill.compute(base, model, svd_cache=svd_cache, device=device, **entry)
             computed, seconds = computed + info.svd_computed, seconds + info.svd_seconds
+    for weights in (base if check_base else None, model):
+        if getattr(weights, "lazy", False):             # CheckpointWeights; models loaded whole were checked whole
+            weights.check_unread()
     if computed:
         SweepMetrics(sweep).svd_seconds(seconds)
     return {"expert": expert or "pretrained", "svd_computed": computed, "svd_seconds": seconds}
