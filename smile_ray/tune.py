@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     held = summary["mlflow"]["held_records"]
     if held:
         needs_credentials = (" --tracking-uri <the tracking URI with its credentials>"
-                             if options.tracking_uri != tracking_uri else "")
+                             if without_credentials(tracking_uri) != tracking_uri else "")
         print(f"error: the MLflow tracking server {options.tracking_uri} did not answer: {held} "
               f"records are held in {options.output / OUTBOX_DIR}; deliver them with: python -m smile_ray.sync "
               f"--output {options.output}{needs_credentials}", file=sys.stderr)
