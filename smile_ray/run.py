@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"method: {json.dumps(method)}", flush=True)
         pools = load_pools(spec.model_pool, spec.task_pool, device)
+        pools.tasks.prepare()            # datasets read (and refused) before the merge, as a sweep's driver does
 
         def progress(task: str, metrics: dict, running: dict) -> None:
             score = pools.primary[task]

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.address is None:
         keep_local_ray_on_loopback()                           # before anything imports ray
     output = None
+    credentials = (" --tracking-uri <the tracking URI with its credentials>"      # printed commands ask for them
+                   if args.tracking_uri and without_credentials(args.tracking_uri) != args.tracking_uri else "")
     try:
         spec = sweep_space(args)
         if args.validate:
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
     except OutputFull as full:
-        print(f"error: {full}", file=sys.stderr)
+        print(f"error: {full}{credentials}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         from ray import tune
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if output is not None and (tune.Tuner.can_restore(str(output / EXPERIMENT_DIR))
                                    or (output / SWEEP_FILE).is_file()):
             print(f"interrupted; the finished trials are kept, continue with: python -m smile_ray.tune --resume "
-                  f"--output {output}", file=sys.stderr)
+                  f"--output {output}{credentials}", file=sys.stderr)
         else:
             print("interrupted before any trial started; run the same command again", file=sys.stderr)
         return 1
@@ -170,11 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     print(mlflow_hint(options.tracking_uri, options.experiment))
     held = summary["mlflow"]["held_records"]
     if held:
-        needs_credentials = (" --tracking-uri <the tracking URI with its credentials>"
-                             if without_credentials(tracking_uri) != tracking_uri else "")
         print(f"error: the MLflow tracking server {options.tracking_uri} did not answer: {held} "
               f"records are held in {options.output / OUTBOX_DIR}; deliver them with: python -m smile_ray.sync "
-              f"--output {options.output}{needs_credentials}", file=sys.stderr)
+              f"--output {options.output}{credentials}", file=sys.stderr)
         return HELD_EXIT
     return 0
 

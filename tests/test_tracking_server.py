@@ -238,6 +238,7 @@ def test_a_sweep_whose_server_never_comes_back_ends_with_status_3_and_sync_deliv
         assert not [p for p in output.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]  # Tune's state too
         assert code == HELD_EXIT
         assert lines[-1].startswith("error: the MLflow tracking server") and "smile_ray.sync --output" in lines[-1]
+        assert lines[-1].endswith("--tracking-uri <the tracking URI with its credentials>")     # a fresh shell needs them
         summary = json.loads((output / "summary.json").read_text())
         assert len(summary["trials"]) == 4 and all(t["status"] == "finished" for t in summary["trials"])
         assert summary["mlflow"]["held_records"] > 0 and summary["best"] is not None

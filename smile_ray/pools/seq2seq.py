@@ -46,8 +46,9 @@ class Seq2SeqPool:
         return self._has_file(name, "adapter_config.json")
 
     def adapter_is_pickle_only(self, name: str) -> bool:
-        """Whether the adapter's weights are adapter_model.bin alone, which peft would unpickle."""
-        return self._has_file(name, ADAPTER_PICKLE) and not self._has_file(name, ADAPTER_SAFETENSORS)
+        """Whether the adapter's weights are adapter_model.bin alone, which peft would unpickle (safetensors asked
+        first: once downloaded, the answer comes from the local cache)."""
+        return not self._has_file(name, ADAPTER_SAFETENSORS) and self._has_file(name, ADAPTER_PICKLE)
 
     def load_expert(self, name: str) -> torch.nn.Module:
         if name not in self.config.experts:
