@@ -9,9 +9,10 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,8 @@ from smile_ray.sweep.record import (EXPERIMENT_DIR, OUTBOX_DIR, SUMMARY_FILE, SW
 from smile_ray.sweep.summary import build_summary, saved_trials, sweep_complete
 from smile_ray.sweep.tuner import build_tuner, without_restore_hint
 from smile_ray.sweep.workers import prefill_expert
+
+TASK_STOP_WAIT_S = 30.0      # how long a cancelled task has to stop before it is killed
 
 if TYPE_CHECKING:   # the driver imports torch and transformers only once a sweep starts
     from smile_ray.trial import Pools
@@ -69,6 +72,24 @@ def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
     task = ray.remote(prefill_expert).options(num_cpus=1, num_gpus=gpus, name="smile_svd_prefill")
     return [task.remote(models, expert, plan, str(svd_cache), spec.name, check_base=i == 0)
             for i, (expert, plan) in enumerate(jobs.items())]
+
+
+@contextmanager
+def stopped_on_error(tasks: list) -> Iterator[None]:
+    """If the block raises (a task found a NaN, a dataset is unreadable, Ctrl-C), cancel the tasks still running
+    and wait until they have stopped before the error goes on: the caller may remove --output, where they write the
+    SVD cache, and a task still writing there would make that fail ("Directory not empty") or leave files behind."""
+    import ray
+
+    try:
+        yield
+    except BaseException:
+        for force in (False, True) if tasks else ():     # a KeyboardInterrupt in the task first (its writes clean up), then a kill
+            for task in tasks:
+                ray.cancel(task, force=force)
+            if not ray.wait(tasks, num_returns=len(tasks), timeout=TASK_STOP_WAIT_S)[1]:
+                break
+        raise
 
 
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> dict[str, Any]:
@@ -129,14 +150,15 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
 
     start = time.perf_counter()
     prefill = record.get("svd_prefill")                           # a resumed sweep's, if it had finished
-    prefill_tasks = None if prefill is not None else start_svd_prefill(spec, pools.models,
-                                                                       options.svd_cache_dir)
-    pools.tasks.prepare()                                         # datasets and zero-shot heads
-    options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
-    if "tracking_uri" not in record:                  # a new sweep, or one from before sweep.json recorded it
-        record = sweep_record(options, spec)
-    if prefill_tasks is not None:
-        prefill = record["svd_prefill"] = ray.get(prefill_tasks)
+    prefill_tasks = [] if prefill is not None else start_svd_prefill(spec, pools.models, options.svd_cache_dir)
+    with stopped_on_error(prefill_tasks):
+        pools.tasks.prepare()                                     # datasets and zero-shot heads
+        options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
+        if "tracking_uri" not in record:              # a new sweep, or one from before sweep.json recorded it
+            record = sweep_record(options, spec)
+        if prefill_tasks:
+            prefill = record["svd_prefill"] = ray.get(prefill_tasks)
+    if prefill_tasks:
         write_json(record, options.output / SWEEP_FILE)
         if spec.prefill_plan():
             computed = sum(p["svd_computed"] for p in prefill)
