@@ -36,8 +36,10 @@ def test_a_lora_expert_is_merged_and_carries_a_task_vector_only_where_it_trained
                          "experts": {"rte": str(tiny_text_bench.lora["rte"])}}, "model_pool")
     pool = config.load()
     base, expert = dict(pool.load_base().named_parameters()), dict(pool.load_expert("rte").named_parameters())
-    changed = sorted(name for name in base if not torch.equal(base[name], expert[name]))
-    assert changed and all(name.endswith((".q.weight", ".v.weight")) for name in changed)
+    changed = {name for name in base if not torch.equal(base[name], expert[name])}
+    targets = json.loads((tiny_text_bench.lora["rte"] / "adapter_config.json").read_text())["target_modules"]
+    linear = {name for name in base if any(f".{name}".endswith(f".{t}.weight") for t in targets)}  # names or paths
+    assert changed == linear            # every weight the adapter targets, and nothing else (norms, embeddings, head)
 
 
 def pickled(adapter) -> None:
@@ -142,3 +144,24 @@ def test_the_embedded_t5_sweep_runs_end_to_end(ray_session, tiny_text_bench, tin
     artifacts = {a.path for a in client.list_artifacts(smile["mlflow_run_id"])}
     assert {"routing.json", "routing.png"} <= artifacts
     assert 0 <= client.get_run(smile["mlflow_run_id"]).data.metrics["routing/own_expert_share"] <= 1
+
+
+def test_the_text_build_is_the_same_whether_its_experts_train_in_one_process_or_two(tiny_text_bench, tmp_path,
+                                                                                      monkeypatch):
+    """The full scale trains its experts in two processes (spawned, each on one thread, seeded by its task); the
+    tiny scale, built by the session's fixture, in one. Built with two here, every weight file is bit-identical."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from smile_ray.embedded import text_build
+
+    tiny = text_build.TEXT_RECIPES["tiny"]
+    monkeypatch.setitem(text_build.TEXT_RECIPES, "tiny", dataclasses.replace(tiny, build_processes=2))
+    monkeypatch.setattr(text_build.os, "sched_getaffinity", lambda pid: {0, 1})      # two CPUs, even in a 1-CPU CI
+    other = text_build.build_text_benchmark(tmp_path, scale="tiny")
+    files = ["base/model.safetensors", *(f"experts/{task}/model.safetensors" for task in tiny_text_bench.experts),
+             *(f"lora/{task}/adapter_model.safetensors" for task in tiny_text_bench.lora)]
+    for rel in files:
+        ours, theirs = load_file(tiny_text_bench.root / rel), load_file(other.root / rel)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), rel

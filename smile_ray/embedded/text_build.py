@@ -5,7 +5,7 @@ Layout of a build (the formats a Flan-T5 GLUE pool loads):
 
     <cache>/text-<scale>-<hash>/base/           T5ForConditionalGeneration + its tokenizer (save_pretrained)
     <cache>/text-<scale>-<hash>/experts/<task>/ the fully fine-tuned T5 (every linear weight trained)
-    <cache>/text-<scale>-<hash>/lora/<task>/    a PEFT LoRA adapter on q and v (adapter_config.json + safetensors)
+    <cache>/text-<scale>-<hash>/lora/<task>/    a PEFT LoRA adapter on every linear layer (adapter_config.json + safetensors)
     <cache>/text-<scale>-<hash>/data/<task>/    DatasetDict(train, validation or validation_matched), GLUE columns
     <cache>/text-<scale>-<hash>/recipe.json     what was built, and how long it took
 
@@ -18,8 +18,11 @@ import copy
 import dataclasses
 import hashlib
 import json
+import multiprocessing
+import os
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,17 +219,63 @@ def _examples(tokenizer, task: TextTask, rows, label_key: str = "label") -> Exam
     return Examples(tokenizer(texts)["input_ids"], tokenizer(answers)["input_ids"])
 
 
-def _train(model: nn.Module, examples: Examples, *, steps: int, lr: float, batch_size: int, seed: int) -> None:
-    """AdamW on the parameters that require grad; one batch of `batch_size` examples per step."""
+def _train(model: nn.Module, examples: Examples, *, steps: int, lr: float, batch_size: int, seed: int,
+           decay: bool = False) -> None:
+    """AdamW on the parameters that require grad; one batch of `batch_size` examples per step; the learning rate
+    constant, or (`decay`) falling linearly to 0."""
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps if decay else 1.0)
     model.train()
     for _ in range(steps):
         loss = model(**examples.batch(rng, batch_size)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     model.eval()
+
+
+def _train_experts(job: tuple[str, int, str, str]) -> None:
+    """Task `index`'s fully fine-tuned expert and LoRA expert, from the base saved under `out`. Seeded by the task
+    alone and on one thread, so a build is the same whether its experts train in one process or several."""
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+    scale, index, out, final = job
+    recipe, task, out = recipe_for(scale), TASKS[index], Path(out)
+    seed = recipe.seed * 1000 + index + 1
+    with build_environment(seed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # peft: EVA without low_cpu_mem_usage; the base's config not yet at `final`
+        tokenizer = transformers.AutoTokenizer.from_pretrained(out / "base")
+        base = T5ForConditionalGeneration.from_pretrained(out / "base")
+        examples = _examples(tokenizer, task, _rows(task, index, recipe.train_per_task, recipe.seed))
+
+        expert = copy.deepcopy(base)
+        _linear_weights_only(expert)
+        _train(expert, examples, steps=recipe.finetune_steps, lr=recipe.finetune_lr,
+               batch_size=recipe.finetune_batch_size, seed=seed)
+        expert.save_pretrained(out / "experts" / task.name)
+
+        # LoRA's A starts from the principal directions of each layer's inputs on the task (peft's EVA), not at
+        # random: SMILE routes by the row space of B·A, which a random A keeps long after B has learnt the task
+        lora = get_peft_model(base, LoraConfig(
+            r=recipe.lora_rank, lora_alpha=recipe.lora_rank, target_modules=list(recipe.lora_targets),
+            lora_dropout=0.0, bias="none", task_type="SEQ_2_SEQ_LM", init_lora_weights="eva",
+            eva_config=EvaConfig(rho=1.0)))
+        rng = np.random.default_rng([seed, 1])
+        initialize_lora_eva_weights(lora, [examples.batch(rng, recipe.batch_size) for _ in range(recipe.eva_batches)],
+                                    prepare_model_inputs_fn=None, prepare_layer_inputs_fn=_token_rows,
+                                    show_progress_bar=False)
+        _train(lora, examples, steps=recipe.lora_steps, lr=recipe.lora_lr, batch_size=recipe.finetune_batch_size,
+               seed=seed + 100, decay=True)
+        lora.peft_config["default"].base_model_name_or_path = str(Path(final) / "base")
+        lora.save_pretrained(out / "lora" / task.name)
+
+
+def _token_rows(layer_input, model_input, layer_name: str) -> torch.Tensor:
+    """EVA's view of a layer's input: every token's vector (padding included), one row each."""
+    hidden = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 def _linear_weights_only(model: nn.Module) -> None:
@@ -242,8 +291,6 @@ def _linear_weights_only(model: nn.Module) -> None:
 
 def _build_into(out: Path, scale: str, *, final: Path) -> None:
     """Write a complete build of `scale` into the (new) directory `out` (it will be renamed to `final`)."""
-    from peft import LoraConfig, get_peft_model
-
     recipe = recipe_for(scale)
     started = time.perf_counter()
     with build_environment(recipe.seed):
@@ -265,23 +312,14 @@ def _build_into(out: Path, scale: str, *, final: Path) -> None:
                steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, batch_size=recipe.batch_size, seed=recipe.seed)
         model.save_pretrained(base_dir)
 
-        for i, task in enumerate(TASKS):
-            examples = _examples(tokenizer, task, train[task.name])
-            expert = copy.deepcopy(model)
-            _linear_weights_only(expert)
-            _train(expert, examples, steps=recipe.finetune_steps, lr=recipe.finetune_lr,
-                   batch_size=recipe.finetune_batch_size, seed=recipe.seed * 1000 + i + 1)
-            expert.save_pretrained(out / "experts" / task.name)
-
-            lora = get_peft_model(copy.deepcopy(model), LoraConfig(
-                r=recipe.lora_rank, lora_alpha=recipe.lora_rank, target_modules=["q", "v"], lora_dropout=0.0,
-                bias="none", task_type="SEQ_2_SEQ_LM"))
-            _train(lora, examples, steps=recipe.lora_steps, lr=recipe.lora_lr, batch_size=recipe.finetune_batch_size,
-                   seed=recipe.seed * 1000 + 100 + i)
-            lora.peft_config["default"].base_model_name_or_path = str(final / "base")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")        # peft looks for the base's config at `final`, not yet there
-                lora.save_pretrained(out / "lora" / task.name)
+    jobs = [(scale, i, str(out), str(final)) for i in range(len(TASKS))]
+    processes = min(recipe.build_processes, len(os.sched_getaffinity(0)))
+    if processes > 1:        # fresh interpreters (spawn): a fork would copy the caller's threads and locks
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_train_experts, jobs))
+    else:
+        for job in jobs:
+            _train_experts(job)
 
     (out / "recipe.json").write_text(json.dumps({
         "scale": scale, "hash": recipe_hash(scale), "recipe": dataclasses.asdict(recipe),

@@ -74,14 +74,17 @@ class TextRecipe:
     finetune_steps: int = 200
     finetune_lr: float = 1e-3
     lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")    # every linear layer but lm_head
     lora_steps: int = 200
-    lora_lr: float = 3e-3
+    lora_lr: float = 1e-3                # decaying linearly to 0
+    eva_batches: int = 20                # batches of `batch_size` whose layer inputs initialise A (peft's EVA)
     finetune_batch_size: int = 32        # experts, full and LoRA
+    build_processes: int = 2             # the experts train in this many processes (each one thread, seeded per task)
 
 
 TEXT_RECIPES: dict[str, TextRecipe] = {
     "full": TextRecipe(),
     "tiny": TextRecipe(train_per_task=128, eval_per_task=24, d_model=32, d_kv=8, d_ff=64, layers=1, heads=2,
                        relative_buckets=8, pretrain_steps=60, finetune_steps=12, lora_rank=4, lora_steps=12,
-                       batch_size=16, finetune_batch_size=16),
+                       eva_batches=2, batch_size=16, finetune_batch_size=16, build_processes=1),
 }

@@ -22,7 +22,7 @@ def text_build_options(section: Section) -> dict[str, str | None]:
 @register_model_pool("embedded_t5", loader="smile_ray.embedded.text_pools:load_model_pool")
 @dataclass(frozen=True)
 class EmbeddedT5Models(ModelPoolConfig):
-    experts: str = "full"                         # full: fully fine-tuned experts; lora: LoRA-16 adapters on q and v
+    experts: str = "full"                         # full: fully fine-tuned experts; lora: LoRA-16 adapters
     scale: str | None = None
     cache_dir: str | None = None
 
