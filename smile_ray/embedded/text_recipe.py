@@ -84,6 +84,7 @@ class TextRecipe:
 
 TEXT_RECIPES: dict[str, TextRecipe] = {
     "full": TextRecipe(),
+    "full_seed1": TextRecipe(seed=1),    # the same recipe on another seed: how much of a result is the draw
     "tiny": TextRecipe(train_per_task=128, eval_per_task=24, d_model=32, d_kv=8, d_ff=64, layers=1, heads=2,
                        relative_buckets=8, pretrain_steps=60, finetune_steps=12, lora_rank=4, lora_steps=12,
                        eva_batches=2, batch_size=16, finetune_batch_size=16, build_processes=1),
