@@ -84,7 +84,8 @@ def stopped_on_error(tasks: list) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for force in (False, True) if tasks else ():     # a KeyboardInterrupt in the task first (its writes clean up), then a kill
+        # a KeyboardInterrupt in each task first (an SVD being written removes its temp file), then a kill
+        for force in (False, True) if tasks else ():
             for task in tasks:
                 ray.cancel(task, force=force)
             if not ray.wait(tasks, num_returns=len(tasks), timeout=TASK_STOP_WAIT_S)[1]:
