@@ -5,7 +5,7 @@ Layout of a build (the formats a Flan-T5 GLUE pool loads):
 
     <cache>/text-<scale>-<hash>/base/           T5ForConditionalGeneration + its tokenizer (save_pretrained)
     <cache>/text-<scale>-<hash>/experts/<task>/ the fully fine-tuned T5 (every linear weight trained)
-    <cache>/text-<scale>-<hash>/lora/<task>/    a PEFT LoRA adapter on every linear layer (adapter_config.json + safetensors)
+    <cache>/text-<scale>-<hash>/lora/<task>/    a PEFT LoRA adapter, every linear layer (adapter_config.json, safetensors)
     <cache>/text-<scale>-<hash>/data/<task>/    DatasetDict(train, validation or validation_matched), GLUE columns
     <cache>/text-<scale>-<hash>/recipe.json     what was built, and how long it took
 
