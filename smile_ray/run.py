@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from smile_ray.cluster import usable_cpus
 from smile_ray.errors import SmileError, user_message
 from smile_ray.files import check_new_directory, write_json
 from smile_ray.report import format_task_table, task_names
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         device = checked_device(args.device)
         if args.threads is not None and args.threads < 1:
             raise SmileError(f"--threads: expected at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(args.threads or usable_cpus())
 
         print(f"method: {json.dumps(method)}", flush=True)
         pools = load_pools(spec.model_pool, spec.task_pool, device)

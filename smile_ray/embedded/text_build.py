@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
-import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
+from smile_ray.cluster import usable_cpus
 from smile_ray.embedded.cache import build_environment, cached_build, default_cache_dir
 from smile_ray.embedded.text_recipe import (TASKS, TEXT_RECIPES, WORDS_PER_TASK, TextRecipe, TextTask, task_words,
                                            template)
@@ -313,7 +313,7 @@ def _build_into(out: Path, scale: str, *, final: Path) -> None:
         model.save_pretrained(base_dir)
 
     jobs = [(scale, i, str(out), str(final)) for i in range(len(TASKS))]
-    processes = min(recipe.build_processes, len(os.sched_getaffinity(0)))
+    processes = min(recipe.build_processes, usable_cpus())
     if processes > 1:        # fresh interpreters (spawn): a fork would copy the caller's threads and locks
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_train_experts, jobs))
