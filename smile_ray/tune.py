@@ -25,8 +25,8 @@ from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, describe_resources, keep_
 from smile_ray.errors import OutputFull, SmileError, user_message, without_credentials
 from smile_ray.spec import SweepSpec, load_space
 from smile_ray.sweep.driver import run_sweep
-from smile_ray.sweep.record import (DEFAULT_MIN_FREE_MIB, EXPERIMENT_DIR, HELD_EXIT, OUTBOX_DIR, SUMMARY_FILE,
-                                    SWEEP_FILE, SweepOptions, resume_space)
+from smile_ray.sweep.record import (DEFAULT_MIN_FREE_MIB, HELD_EXIT, OUTBOX_DIR, SUMMARY_FILE, SWEEP_FILE,
+                                    SweepOptions, experiment_path, resume_space)
 from smile_ray.sweep.summary import ranked_table
 
 # The driver's MLflow client gives up on a server that does not answer after seconds, not MLflow's 4 minutes of
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         from ray import tune
 
-        if output is not None and (tune.Tuner.can_restore(str(output / EXPERIMENT_DIR))
+        if output is not None and (tune.Tuner.can_restore(str(experiment_path(output)))
                                    or (output / SWEEP_FILE).is_file()):
             print(f"interrupted; the finished trials are kept, continue with: python -m smile_ray.tune --resume "
                   f"--output {output}{credentials}", file=sys.stderr)

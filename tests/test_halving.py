@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 
 from smile_ray.sweep.halving import SampleHalving, score_stderr
+from smile_ray.sweep.record import experiment_path
 from smile_ray.tasks.evaluation import merge_sample_means
 from smile_ray.trial import rung_sizes, run_trial
 from smile_ray.tune import main
@@ -87,8 +88,9 @@ def test_a_halving_sweep_stops_weak_trials_early_and_keeps_every_trial_in_mlflow
         assert trial["metrics"]["samples_per_task"] < 20
         assert trial["metrics"]["timings/eval_samples"] < finished[0]["metrics"]["timings/eval_samples"]
     assert summary["best"]["trial_id"] in {t["trial_id"] for t in finished}
-    rungs = {t["trial_id"]: [json.loads(line) for line in (tmp_path / "out" / "tune" / f"trial_{t['trial_id']}" /
-                                                            "result.json").read_text().splitlines()] for t in trials}
+    experiment = experiment_path(tmp_path / "out")
+    rungs = {t["trial_id"]: [json.loads(line) for line in (experiment / f"trial_{t['trial_id']}" / "result.json")
+                             .read_text().splitlines()] for t in trials}
     assert [r.get("samples_per_task") for r in rungs[finished[0]["trial_id"]]] == [2, 4, 8, 16, None]  # then report
     def earlier_best(trial_id, rung):        # one trial at a time: the others' losses seen when it ran
         return min([r["average/loss"] for other, results in rungs.items() if other < trial_id

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from smile_ray.sweep.record import experiment_path
 from smile_ray.tune import main
 
 TASKS = ["digit", "word", "parity"]
@@ -93,7 +94,7 @@ def test_svds_are_computed_once_for_the_whole_sweep(sweep):
 def test_trial_reports_after_every_task(sweep):
     _, summary, _, tmp = sweep
     trial = summary["trials"][0]
-    lines = (tmp / "out" / "tune" / f"trial_{trial['trial_id']}" / "result.json").read_text().splitlines()
+    lines = (experiment_path(tmp / "out") / f"trial_{trial['trial_id']}" / "result.json").read_text().splitlines()
     done = [json.loads(line)["tasks_done"] for line in lines]
     assert done == [1, 2, 3, 3]
 
@@ -115,7 +116,7 @@ def test_failing_trial_is_retried_then_marked_failed_and_the_sweep_completes(ray
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     [trial] = summary["trials"]
     assert trial["status"] == "error" and "models" in trial["error"] and "\n" not in trial["error"]
-    error_file = tmp_path / "out" / "tune" / f"trial_{trial['trial_id']}" / "error.txt"
+    error_file = experiment_path(tmp_path / "out") / f"trial_{trial['trial_id']}" / "error.txt"
     assert error_file.read_text().count("Failure #") == 2            # the first try and one retry
     assert MlflowClient(uri).get_run(trial["mlflow_run_id"]).info.status == "FAILED"
 
@@ -276,6 +277,29 @@ def test_the_space_is_stored_with_the_sweep_and_read_back_on_resume(tmp_path):
     stored = resume_space(tmp_path, [])
     assert space_text(stored) == space_text(spec) and stored.grid_points() == spec.grid_points()
     assert space_text(resume_space(tmp_path, ["method.k=8"])) != space_text(spec)
+
+
+def test_two_sweeps_starting_in_the_same_second_stage_their_tune_files_apart(ray_session, tmp_path):
+    """Tune stages an experiment's driver files in the Ray session under <start second>/<experiment name>: each
+    sweep names its experiment for itself, so two sweeps on one cluster never share (and delete) those files."""
+    from ray.train._internal.storage import StorageContext
+
+    from smile_ray.spec import parse_space
+    from smile_ray.sweep.record import SweepOptions, sweep_record
+
+    spec = parse_space({"model_pool": {"kind": "embedded"}, "task_pool": {"kind": "embedded"},
+                        "method": {"name": "smile", "gate_k": 4, "k": 4}}, "same")
+    staging = set()
+    for name in ("first", "second"):
+        options = SweepOptions(output=tmp_path / name, tracking_uri="sqlite:///x.db", experiment="e")
+        options.output.mkdir()
+        sweep_record(options, spec)
+        experiment = experiment_path(options.output)
+        assert experiment.parent == options.output / "tune"
+        storage = StorageContext(str(experiment.parent), experiment.name)       # as Tune builds it
+        storage._timestamp = "2026-12-02_09-47-46"                               # both started in this second
+        staging.add(storage.experiment_driver_staging_path)
+    assert len(staging) == 2
 
 
 def test_ranked_table_orders_by_the_metric_and_says_what_each_row_is():

@@ -21,8 +21,8 @@ from smile_ray.errors import SmileError, without_credentials
 from smile_ray.files import write_json
 from smile_ray.sources import check_pools
 from smile_ray.spec import SweepSpec
-from smile_ray.sweep.record import (EXPERIMENT_DIR, OUTBOX_DIR, SUMMARY_FILE, SWEEP_FILE, SweepOptions,
-                                    check_output, clear_sweep, refuse_existing_sweep, resumable_record, sweep_record)
+from smile_ray.sweep.record import (OUTBOX_DIR, SUMMARY_FILE, SWEEP_FILE, SweepOptions, check_output, clear_sweep,
+                                    experiment_path, refuse_existing_sweep, resumable_record, sweep_record)
 from smile_ray.sweep.summary import build_summary, saved_trials, sweep_complete
 from smile_ray.sweep.tuner import build_tuner, without_restore_hint
 from smile_ray.sweep.workers import prefill_expert
@@ -168,7 +168,7 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
     open_store(options.tracking_uri)              # once the models have been read whole: a refusal writes nothing
     logging.getLogger("ray.tune.tune").addFilter(without_restore_hint)     # main prints the command to resume
     results = build_tuner(spec, pools, options).fit()
-    trials = saved_trials(options.output / EXPERIMENT_DIR)
+    trials = saved_trials(experiment_path(options.output))
     if not sweep_complete(trials, spec.trial_count()):
         if free_mib(options.output) < options.min_free_mib:     # DiskSpaceGuard stopped it
             raise output_full(options.output, options.min_free_mib)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from smile_ray.spec import SweepSpec, apply_overrides, first_difference, parse_s
 SUMMARY_FILE = "summary.json"
 
 
-EXPERIMENT_DIR = "tune"
+EXPERIMENT_DIR = "tune"                  # Tune's experiment: tune/<its name in sweep.json> (experiment_path)
 
 
 SVD_CACHE_DIR = "svd_cache"
@@ -70,13 +71,23 @@ def read_record(output: Path) -> dict[str, Any]:
 
 
 def sweep_record(options: SweepOptions, spec: SweepSpec) -> dict[str, Any]:
-    """Write sweep.json for a sweep that starts: its tracking store, experiment, space and place, which a
-    `--resume` keeps; returns what it wrote."""
+    """Write sweep.json for a sweep that starts: its tracking store, experiment, space, place and the name of its
+    Tune experiment, which a `--resume` keeps; returns what it wrote."""
     record = {"tracking_uri": without_credentials(options.tracking_uri), "experiment": options.experiment,
               "svd_cache": str(options.svd_cache_dir), "space_name": spec.name,
-              "space": space_text(spec), "output": str(options.output)}
+              "space": space_text(spec), "output": str(options.output),
+              "tune_experiment": f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{uuid.uuid4().hex[:8]}"}
     write_json(record, options.output / SWEEP_FILE)
     return record
+
+
+def experiment_path(output: Path) -> Path:
+    """Where the sweep in `output` keeps Tune's experiment: tune/<a name of its own>. Tune stages an experiment's
+    driver files in the Ray session under <the second it started>/<experiment name>, so two sweeps on one cluster
+    with the same name, starting in the same second, would share that folder and delete each other's files. A
+    sweep started before sweep.json named it keeps tune/ itself."""
+    name = read_record(output).get("tune_experiment")
+    return output / EXPERIMENT_DIR / name if name else output / EXPERIMENT_DIR
 
 
 def space_text(spec: SweepSpec) -> str:
@@ -102,8 +113,8 @@ def resumable_record(spec: SweepSpec, output: Path) -> dict[str, Any]:
     from ray import tune
 
     record = read_record(output)
-    if not tune.Tuner.can_restore(str(output / EXPERIMENT_DIR)) and "space" not in record:
-        raise SmileError(f"--resume: no sweep to resume in {output / EXPERIMENT_DIR}")
+    if not tune.Tuner.can_restore(str(experiment_path(output))) and "space" not in record:
+        raise SmileError(f"--resume: no sweep to resume in {output}")
     started_in = record.get("output")
     if started_in is not None and Path(started_in).resolve() != output.resolve():
         raise SmileError(f"--resume: the sweep in {output} was started in {started_in} and copied or moved since; its "

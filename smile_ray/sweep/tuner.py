@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from smile_ray.spec import SweepSpec
-from smile_ray.sweep.record import EXPERIMENT_DIR, MODELS_DIR, OUTBOX_DIR, REPORTS_DIR, SweepOptions
+from smile_ray.sweep.record import MODELS_DIR, OUTBOX_DIR, REPORTS_DIR, SweepOptions, experiment_path
 from smile_ray.sweep.workers import smile_trial
 
 
@@ -62,9 +62,9 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
                              halving=((spec.search["min_samples"], spec.search["reduction_factor"])
                                       if spec.search["scheduler"] == "halving" else None)),
         {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
-    path = str(options.output / EXPERIMENT_DIR)
-    if options.resume and tune.Tuner.can_restore(path):   # else stopped before its first trial: a new Tuner
-        return tune.Tuner.restore(path, trainable=trainable)
+    path = experiment_path(options.output)
+    if options.resume and tune.Tuner.can_restore(str(path)):   # else stopped before its first trial: a new Tuner
+        return tune.Tuner.restore(str(path), trainable=trainable)
     metric, mode = spec.search["metric"], spec.search["mode"]
     tracker = MlflowSweepCallback(options.tracking_uri, options.experiment, space_name=spec.name,
                                   space=spec.document, metric=metric, mode=mode, sweep_id=str(options.output),
@@ -79,7 +79,7 @@ def build_tuner(spec: SweepSpec, pools, options: SweepOptions):
                                     num_samples=spec.search["num_samples"],
                                     reuse_actors=True,       # a warm trial process keeps torch/transformers imported
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-        run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=str(options.output),
+        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent),
                                   failure_config=tune.FailureConfig(max_failures=spec.search["max_failures"]),
                                   callbacks=[tracker, MetricsCallback(spec.name, metric, mode, final_key="report"),
                                              DiskSpaceGuard(options.output, options.min_free_mib)],
