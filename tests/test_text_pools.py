@@ -3,6 +3,8 @@ GLUE text-generation task pool (prompts, label texts, exact match and Spearman),
 sweep of the embedded T5 space end to end."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,3 +167,20 @@ def test_the_text_build_is_the_same_whether_its_experts_train_in_one_process_or_
     for rel in files:
         ours, theirs = load_file(tiny_text_bench.root / rel), load_file(other.root / rel)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), rel
+
+
+def test_a_script_without_a_main_guard_is_told_so_and_the_build_does_not_hang(tmp_path):
+    """The build's spawned processes import the caller's main script; one that builds the benchmark at import
+    would wait forever on the build lock its parent holds. It stops with the fix in one line instead."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("import dataclasses, sys\n"
+                      "from smile_ray.embedded import text_build\n"
+                      "tiny = text_build.TEXT_RECIPES['tiny']\n"
+                      "text_build.TEXT_RECIPES['tiny'] = dataclasses.replace(tiny, build_processes=2)\n"
+                      "text_build.usable_cpus = lambda: 2\n"
+                      "text_build.build_text_benchmark(sys.argv[1], scale='tiny')\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "cache")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "build processes stopped" in done.stderr and "if __name__ == '__main__':" in done.stderr
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]       # no build, no half of one

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -29,6 +30,9 @@ def cached_build(root: Path, build_into: Callable[[Path], None], *, force: bool 
     """`root`, built first by `build_into(tmp)` unless a finished build is there (or `force`)."""
     if root.is_dir() and not force:
         return root
+    if getattr(multiprocessing.current_process(), "_inheriting", False):    # as multiprocessing itself checks
+        raise RuntimeError(f"a build process of {root.name} imported the main script, which builds it again: "
+                           f"put the script's code under `if __name__ == '__main__':`")   # else: waits on the lock
     root.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(root.parent / f".{root.name}.lock"):
         if root.is_dir() and not force:  # another process finished it while we waited

@@ -22,6 +22,7 @@ import multiprocessing
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,8 +316,13 @@ def _build_into(out: Path, scale: str, *, final: Path) -> None:
     jobs = [(scale, i, str(out), str(final)) for i in range(len(TASKS))]
     processes = min(recipe.build_processes, usable_cpus())
     if processes > 1:        # fresh interpreters (spawn): a fork would copy the caller's threads and locks
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_train_experts, jobs))
+        try:
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(_train_experts, jobs))
+        except BrokenProcessPool as error:     # a process died: killed, or it ran the caller's unguarded script
+            raise SmileError(f"the embedded text benchmark's build processes stopped (their error is printed "
+                             f"above); a script that builds it needs its code under `if __name__ == '__main__':` "
+                             f"(they are spawned and import it)") from error
     else:
         for job in jobs:
             _train_experts(job)
