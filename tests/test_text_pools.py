@@ -2,6 +2,7 @@
 GLUE text-generation task pool (prompts, label texts, exact match and Spearman), their one-line refusals, and a
 sweep of the embedded T5 space end to end."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -39,8 +40,11 @@ def test_a_lora_expert_is_merged_and_carries_a_task_vector_only_where_it_trained
     pool = config.load()
     base, expert = dict(pool.load_base().named_parameters()), dict(pool.load_expert("rte").named_parameters())
     changed = {name for name in base if not torch.equal(base[name], expert[name])}
-    targets = json.loads((tiny_text_bench.lora["rte"] / "adapter_config.json").read_text())["target_modules"]
-    linear = {name for name in base if any(f".{name}".endswith(f".{t}.weight") for t in targets)}  # names or paths
+    adapter = json.loads((tiny_text_bench.lora["rte"] / "adapter_config.json").read_text())
+    targets, excluded = adapter["target_modules"], adapter["exclude_modules"]      # names or paths; a pattern
+    linear = {name for name in base if any(f".{name}".endswith(f".{t}.weight") for t in targets)
+              and not re.fullmatch(excluded, name.removesuffix(".weight"))}
+    assert any(".SelfAttention." in name for name in linear) and not any(re.fullmatch(excluded, n) for n in linear)
     assert changed == linear            # every weight the adapter targets, and nothing else (norms, embeddings, head)
 
 

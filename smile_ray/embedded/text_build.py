@@ -5,7 +5,7 @@ Layout of a build (the formats a Flan-T5 GLUE pool loads):
 
     <cache>/text-<scale>-<hash>/base/           T5ForConditionalGeneration + its tokenizer (save_pretrained)
     <cache>/text-<scale>-<hash>/experts/<task>/ the fully fine-tuned T5 (every linear weight trained)
-    <cache>/text-<scale>-<hash>/lora/<task>/    a PEFT LoRA adapter, every linear layer (adapter_config.json, safetensors)
+    <cache>/text-<scale>-<hash>/lora/<task>/    a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
     <cache>/text-<scale>-<hash>/data/<task>/    DatasetDict(train, validation or validation_matched), GLUE columns
     <cache>/text-<scale>-<hash>/recipe.json     what was built, and how long it took
 
@@ -258,9 +258,12 @@ def _train_experts(job: tuple[str, int, str, str]) -> None:
         expert.save_pretrained(out / "experts" / task.name)
 
         # LoRA's A starts from the principal directions of each layer's inputs on the task (peft's EVA), not at
-        # random: SMILE routes by the row space of B·A, which a random A keeps long after B has learnt the task
+        # random: SMILE routes by the row space of B·A, which a random A keeps long after B has learnt the task.
+        # The decoder's self-attention is left out: its inputs are answer tokens every task shares (the start token
+        # first), so no router can tell the tasks apart there and a wrongly routed update only does harm
         lora = get_peft_model(base, LoraConfig(
             r=recipe.lora_rank, lora_alpha=recipe.lora_rank, target_modules=list(recipe.lora_targets),
+            exclude_modules=recipe.lora_exclude,
             lora_dropout=0.0, bias="none", task_type="SEQ_2_SEQ_LM", init_lora_weights="eva",
             eva_config=EvaConfig(rho=1.0)))
         rng = np.random.default_rng([seed, 1])

@@ -74,7 +74,8 @@ class TextRecipe:
     finetune_steps: int = 200
     finetune_lr: float = 1e-3
     lora_rank: int = 16
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")    # every linear layer but lm_head
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")    # every linear layer but lm_head …
+    lora_exclude: str = r".*decoder\.block\.\d+\.layer\.0\.SelfAttention\.[qkvo]"   # … and decoder self-attention
     lora_steps: int = 200
     lora_lr: float = 1e-3                # decaying linearly to 0
     eva_batches: int = 20                # batches of `batch_size` whose layer inputs initialise A (peft's EVA)
