@@ -130,13 +130,13 @@ def _amount(value: float, unit: str) -> str:
     return f"{value:g} {unit}{'s' * (value != 1)}"
 
 
-
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity where the OS keeps one (Linux, a container's cpuset), else
     every CPU of the machine (macOS has no affinity call)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
 
 def check_trial_resources(resources: Mapping[str, float], *, wait_s: float = 0.0) -> None:
     """A node of the cluster (or a node type its autoscaler can launch) has what one trial asks for; else a

@@ -323,9 +323,9 @@ def _build_into(out: Path, scale: str, *, final: Path) -> None:
             with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
                 list(pool.map(_train_experts, jobs))
         except BrokenProcessPool as error:     # a process died: killed, or it ran the caller's unguarded script
-            raise SmileError(f"the embedded text benchmark's build processes stopped (their error is printed "
-                             f"above); a script that builds it needs its code under `if __name__ == '__main__':` "
-                             f"(they are spawned and import it)") from error
+            raise SmileError("the embedded text benchmark's build processes stopped (killed, or with the error "
+                             "printed above); a script that builds it needs its code under `if __name__ == "
+                             "'__main__':` (they are spawned and import it)") from error
     else:
         for job in jobs:
             _train_experts(job)
