@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from smile_ray.cli import finish
 from smile_ray.cluster import usable_cpus
 from smile_ray.errors import SmileError, user_message
 from smile_ray.files import check_new_directory, write_json
@@ -112,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from smile_ray.cli import finish
 from smile_ray.errors import SmileError, user_message, without_credentials
 from smile_ray.files import write_json
 from smile_ray.sweep.record import HELD_EXIT, OUTBOX_DIR, SUMMARY_FILE, read_record
@@ -69,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

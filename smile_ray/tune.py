@@ -21,6 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from smile_ray.cli import finish
 from smile_ray.cluster import DEFAULT_RESOURCE_WAIT_S, describe_resources, keep_local_ray_on_loopback
 from smile_ray.errors import OutputFull, SmileError, user_message, without_credentials
 from smile_ray.spec import SweepSpec, load_space
@@ -180,4 +181,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

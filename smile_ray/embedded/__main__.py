@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 
+from smile_ray.cli import finish
 from smile_ray.embedded.build import build_embedded
 from smile_ray.embedded.recipe import RECIPES
 from smile_ray.errors import SmileError
@@ -32,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())
