@@ -24,16 +24,17 @@ def free_port() -> int:
 
 
 def listening(processes: list[psutil.Process]) -> set[tuple[str, int, str]]:
-    """(address, port, process name) of every socket these processes listen on."""
-    found = set()
+    """(address, port, process name) of every socket these processes listen on: one read of the system's socket
+    table (asking each process for its own read the whole table once per process: 0.26 s a pass, against 0.03 s,
+    a third of a core taken from the sweep being watched)."""
+    names = {}
     for process in processes:
         try:
-            for conn in process.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    found.add((conn.laddr.ip, conn.laddr.port, process.name()))
+            names[process.pid] = process.name()
         except psutil.Error:
             continue
-    return found
+    return {(conn.laddr.ip, conn.laddr.port, names[conn.pid]) for conn in psutil.net_connections(kind="inet")
+            if conn.status == psutil.CONN_LISTEN and conn.pid in names}
 
 
 @pytest.fixture(scope="module")
