@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,16 @@ def ray_cluster(address: str | None) -> Iterator[str | None]:
     authentication, which Ray then switches on in this process's environment); yields the dashboard line to print
     (None when this process was connected already, by a caller's own `ray.init`). A local Ray started here is shut
     down on the way out, with every process it started (`stop_local_ray`)."""
+    import psutil
     import ray
 
     if ray.is_initialized():
         yield None
         return
+    before: set[int] = set()
     if address is None:
         keep_local_ray_on_loopback()
+        before = {process.pid for process in psutil.Process().children(recursive=True)}
     logs = [logging.getLogger(name) for name in ("ray._private.authentication.authentication_token_setup",
                                                  "ray._private.worker")]
     for log in logs:
@@ -60,18 +63,19 @@ def ray_cluster(address: str | None) -> Iterator[str | None]:
         yield dashboard_line(context.dashboard_url)
     finally:
         if address is None:
-            stop_local_ray()
+            stop_local_ray(keep=before)
         else:
             ray.shutdown()
 
 
-def stop_local_ray(grace_s: float = 5.0) -> None:
-    """`ray.shutdown()` of a Ray this process started, then the end of every process it had started that is still
-    alive `grace_s` later: the dashboard's module subprocesses have outlived a driver by minutes."""
+def stop_local_ray(keep: Collection[int] = (), grace_s: float = 5.0) -> None:
+    """`ray.shutdown()` of a Ray this process started, then the end of every process it started since (its
+    children but those in `keep`, the ones it had before Ray started) that is still alive `grace_s` later: the
+    dashboard's module subprocesses have outlived a driver by minutes. A caller's own children are left alone."""
     import psutil
     import ray
 
-    started = psutil.Process().children(recursive=True)
+    started = [process for process in psutil.Process().children(recursive=True) if process.pid not in keep]
     ray.shutdown()
     _, alive = psutil.wait_procs(started, timeout=grace_s)
     for process in alive:

@@ -109,6 +109,23 @@ def test_no_process_of_the_local_ray_outlives_the_driver(user_sweep):
     assert not alive, [p.cmdline()[:3] for p in alive]
 
 
+def test_stopping_the_local_ray_leaves_the_callers_own_processes_alone():
+    """`python -m smile_ray.tune` ends every process its local Ray started; called from a user's Python, it must not
+    end the processes the caller had started before (its own servers, a notebook's children)."""
+    script = """
+import subprocess, psutil
+from smile_ray.cluster import stop_local_ray
+mine = subprocess.Popen(["sleep", "120"])
+before = {p.pid for p in psutil.Process().children(recursive=True)}
+started = subprocess.Popen(["sleep", "120"])                   # as if the local Ray had started it
+stop_local_ray(keep=before, grace_s=1)
+print(mine.poll() is None, started.wait(timeout=30) is not None)
+mine.kill()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "True"], done.stdout + done.stderr
+
+
 def test_the_printed_mlflow_command_works_as_printed(user_sweep):
     line = next(line for line in user_sweep["output"].splitlines() if line.startswith("MLflow: "))
     command = shlex.split(line.removeprefix("MLflow: ").split("  (")[0])
