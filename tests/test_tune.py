@@ -448,31 +448,38 @@ def test_a_sweep_does_not_start_without_its_free_space_reserve(tiny_cache, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def keep_writing(directory: str, name: str) -> None:
-    """A stand-in for a prefill task: writes files into `directory` until it is stopped."""
+def keep_writing(directory: str, name: str, stop_file: str) -> None:
+    """A stand-in for a prefill task: writes files into `directory` until `stop_file` exists."""
     for i in range(100_000):
+        if Path(stop_file).exists():
+            return
         Path(directory, f"{name}-{i}").write_bytes(b"x")
         time.sleep(0.005)
 
 
 def test_a_refusal_stops_the_prefill_tasks_before_output_is_removed(ray_session, tmp_path):
     """When one prefill task refuses a model (or the task pool is unreadable) the others are still writing the SVD
-    cache inside --output; the driver cancels them and waits until they have stopped before it removes --output
-    (CI once saw "Directory not empty: 'svd_cache'"). Of four tasks on two CPUs, two run and two never start."""
+    cache inside --output; the driver asks them to stop (a stop file: a ray.cancel crossing a task's completion
+    ended the driver in CI) and waits until they have before it removes --output (CI once saw "Directory not empty:
+    'svd_cache'"). Of four tasks on two CPUs, two run and two stop before they write anything."""
     import ray
 
     from smile_ray.errors import SmileError
-    from smile_ray.sweep.driver import stopped_on_error
+    from smile_ray.sweep.driver import TASK_STOP_WAIT_S, stopped_on_error
 
     cache = tmp_path / "svd_cache"
     cache.mkdir()
     writer = ray.remote(keep_writing).options(num_cpus=1)
-    tasks = [writer.remote(str(cache), f"task{i}") for i in range(4)]
+    stop_file = cache / ".stop-prefill-test"
+    tasks = [writer.remote(str(cache), f"task{i}", str(stop_file)) for i in range(4)]
     while len({p.name.split("-")[0] for p in cache.iterdir()}) < 2:
         time.sleep(0.01)
-    with pytest.raises(SmileError, match="NaN"), stopped_on_error(tasks):
+    started = time.monotonic()
+    with pytest.raises(SmileError, match="NaN"), stopped_on_error(tasks, stop_file):
         raise SmileError("expert 'bad': NaN in model.norm.weight")
     assert not ray.wait(tasks, num_returns=4, timeout=0)[1]          # every task has stopped
+    assert ray.get(tasks) == [None] * 4                               # by itself: none was killed
+    assert time.monotonic() - started < TASK_STOP_WAIT_S and not stop_file.exists()
     written = set(cache.iterdir())
     time.sleep(0.2)
     assert set(cache.iterdir()) == written                            # and nothing writes any more

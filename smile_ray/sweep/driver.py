@@ -9,6 +9,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future
@@ -27,7 +28,7 @@ from smile_ray.sweep.summary import build_summary, saved_trials, sweep_complete
 from smile_ray.sweep.tuner import build_tuner, without_restore_hint
 from smile_ray.sweep.workers import prefill_expert
 
-TASK_STOP_WAIT_S = 30.0      # how long a cancelled task has to stop before it is killed
+TASK_STOP_WAIT_S = 30.0      # how long a prefill task asked to stop has to do so before it is killed
 
 if TYPE_CHECKING:   # the driver imports torch and transformers only once a sweep starts
     from smile_ray.trial import Pools
@@ -57,11 +58,12 @@ def in_background(function: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
-def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
+def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path, stop_file: Path) -> list:
     """Start filling the SVD cache for every SVD a trial of this space can slice (`SweepSpec.prefill_plan`), one Ray
     task per expert (and one on the pretrained model alone); returns the tasks' ObjectRefs (each resolves to what
     its task computed). Every expert gets a task, with nothing to compute if need be: loading a model checks its
-    weights (NaN, inf), so a damaged model is refused before any trial starts, whatever the methods."""
+    weights (NaN, inf), so a damaged model is refused before any trial starts, whatever the methods. A task ends
+    early once `stop_file` exists (`stopped_on_error`)."""
     import ray
 
     jobs: dict[str | None, list[tuple[str, dict]]] = {expert: [] for expert in models.expert_names}
@@ -70,26 +72,33 @@ def start_svd_prefill(spec: SweepSpec, models, svd_cache: Path) -> list:
             jobs.setdefault(expert, []).append((name, entry))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and spec.resources["gpu"] > 0 else 0
     task = ray.remote(prefill_expert).options(num_cpus=1, num_gpus=gpus, name="smile_svd_prefill")
-    return [task.remote(models, expert, plan, str(svd_cache), spec.name, check_base=i == 0)
+    return [task.remote(models, expert, plan, str(svd_cache), spec.name, check_base=i == 0, stop_file=str(stop_file))
             for i, (expert, plan) in enumerate(jobs.items())]
 
 
 @contextmanager
-def stopped_on_error(tasks: list) -> Iterator[None]:
-    """If the block raises (a task found a NaN, a dataset is unreadable, Ctrl-C), cancel the tasks still running
-    and wait until they have stopped before the error goes on: the caller may remove --output, where they write the
-    SVD cache, and a task still writing there would make that fail ("Directory not empty") or leave files behind."""
+def stopped_on_error(tasks: list, stop_file: Path) -> Iterator[None]:
+    """If the block raises (a task found a NaN, a dataset is unreadable, Ctrl-C), ask the tasks to stop and wait
+    until they have before the error goes on: the caller may remove --output, where they write the SVD cache, and a
+    task still writing there would make that fail ("Directory not empty") or leave files behind.
+
+    They are asked through `stop_file`, which each checks between its steps, not with `ray.cancel`: a cancel that
+    crosses a task's completion ends the driver itself (Ray 2.60's "Check failed: it != submissible_tasks_.end()
+    Tried to complete task that was not pending", one refusal in three here). Only a task still running
+    TASK_STOP_WAIT_S later (in one long SVD) is killed."""
     import ray
 
     try:
         yield
     except BaseException:
-        # a KeyboardInterrupt in each task first (an SVD being written removes its temp file), then a kill
-        for force in (False, True) if tasks else ():
-            for task in tasks:
-                ray.cancel(task, force=force)
-            if not ray.wait(tasks, num_returns=len(tasks), timeout=TASK_STOP_WAIT_S)[1]:
-                break
+        if tasks:
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            stop_file.touch()
+            running = ray.wait(tasks, num_returns=len(tasks), timeout=TASK_STOP_WAIT_S)[1]
+            for task in running:
+                ray.cancel(task, force=True)
+            ray.wait(running, num_returns=len(running), timeout=TASK_STOP_WAIT_S)
+            stop_file.unlink(missing_ok=True)
         raise
 
 
@@ -151,8 +160,10 @@ def sweep_on_cluster(spec: SweepSpec, options: SweepOptions, record: dict[str, A
 
     start = time.perf_counter()
     prefill = record.get("svd_prefill")                           # a resumed sweep's, if it had finished
-    prefill_tasks = [] if prefill is not None else start_svd_prefill(spec, pools.models, options.svd_cache_dir)
-    with stopped_on_error(prefill_tasks):
+    stop_file = options.svd_cache_dir / f".stop-prefill-{uuid.uuid4().hex[:8]}"     # this sweep's, in a shared cache
+    prefill_tasks = ([] if prefill is not None
+                     else start_svd_prefill(spec, pools.models, options.svd_cache_dir, stop_file))
+    with stopped_on_error(prefill_tasks, stop_file):
         pools.tasks.prepare()                                     # datasets and zero-shot heads
         options.tracking_uri = absolute_sqlite_uri(options.tracking_uri)
         if "tracking_uri" not in record:              # a new sweep, or one from before sweep.json recorded it

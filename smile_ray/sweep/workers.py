@@ -22,27 +22,37 @@ def _device() -> str:
 
 
 def prefill_expert(models, expert: str | None, plan: list[tuple[str, dict]], svd_cache: str,
-                   sweep: str, check_base: bool = False) -> dict[str, Any]:
+                   sweep: str, check_base: bool = False, stop_file: str | None = None) -> dict[str, Any]:
     """Compute one expert's share of the sweep's SVD prefill into the cache (expert None: what is computed on the
     pretrained model alone); `plan` holds (method name, keyword arguments) pairs (`SweepSpec.prefill_plan`). Then
     read what is left of the expert's checkpoint (and of the base's, with `check_base`) when its pool streams
     weights from the files, so every weight is checked before the first trial. Runs as a Ray task; returns what it
-    computed."""
+    computed. Ends early, between its steps, once `stop_file` exists (the driver is stopping the sweep)."""
     import torch
 
     from smile_ray.hub import quiet_transformers
     from smile_ray.methods import get_method
     from smile_ray.metrics import SweepMetrics
 
+    def stopping() -> bool:
+        return stop_file is not None and Path(stop_file).exists()
+
+    def result() -> dict[str, Any]:
+        return {"expert": expert or "pretrained", "svd_computed": computed, "svd_seconds": seconds}
+
+    computed, seconds = 0, 0.0
+    if stopping():
+        return result()
     quiet_transformers()
     torch.set_num_threads(1)
     device = _device()
     base = models.load_base()
     model = None if expert is None else models.load_expert(expert)
-    computed, seconds = 0, 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # ranks above a layer's size are clamped: expected here
         for name, entry in plan:
+            if stopping():
+                return result()
             info = get_method(name).prefill.compute(base, model, svd_cache=svd_cache, device=device, **entry)
             computed, seconds = computed + info.svd_computed, seconds + info.svd_seconds
     for weights in (base if check_base else None, model):
@@ -50,7 +60,7 @@ def prefill_expert(models, expert: str | None, plan: list[tuple[str, dict]], svd
             weights.check_unread()
     if computed:
         SweepMetrics(sweep).svd_seconds(seconds)
-    return {"expert": expert or "pretrained", "svd_computed": computed, "svd_seconds": seconds}
+    return result()
 
 
 def _quiet_exit_during_gc(unraisable: Any, report=sys.__unraisablehook__) -> None:
