@@ -94,11 +94,13 @@ def stopped_on_error(tasks: list, stop_file: Path) -> Iterator[None]:
         if tasks:
             stop_file.parent.mkdir(parents=True, exist_ok=True)
             stop_file.touch()
-            running = ray.wait(tasks, num_returns=len(tasks), timeout=TASK_STOP_WAIT_S)[1]
-            for task in running:
-                ray.cancel(task, force=True)
-            ray.wait(running, num_returns=len(running), timeout=TASK_STOP_WAIT_S)
-            stop_file.unlink(missing_ok=True)
+            try:
+                running = ray.wait(tasks, num_returns=len(tasks), timeout=TASK_STOP_WAIT_S)[1]
+                for task in running:
+                    ray.cancel(task, force=True)
+                ray.wait(running, num_returns=len(running), timeout=TASK_STOP_WAIT_S)
+            finally:                                 # a second Ctrl-C too: the SVD cache may be shared
+                stop_file.unlink(missing_ok=True)
         raise
 
 
